@@ -1,0 +1,70 @@
+"""Health, the admin listing, and the admin actions: load, unload, reload."""
+
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, Response, jsonify, request
+
+import tasks
+from config import ConfigError, load_settings
+from errors import InvalidRequest, ModelBusy
+from schemas import ModelRequest, parse_body
+from state import app_state
+
+bp = Blueprint("admin", __name__)
+
+
+@bp.get("/health")
+def health() -> Response:
+    """Liveness plus every model's state; never waits behind a load or a generation."""
+    state = app_state()
+    return jsonify({"status": "ok", "loaded_models": state.manager.loaded_models(),
+                    "uptime": round(time.monotonic() - state.started, 3), "models": state.manager.models()})
+
+
+@bp.get("/admin/models")
+def admin_models() -> Response:
+    """The detailed model listing."""
+    return jsonify({"models": app_state().manager.models()})
+
+
+@bp.post("/admin/load")
+def admin_load() -> Response:
+    """Load a model now (a warm-up), so the first real request does not wait."""
+    body = parse_body(request.get_data(), ModelRequest)
+    manager = app_state().manager
+    started = time.monotonic()
+    model_id = manager.load(body.model)
+    return jsonify({"model": model_id, "state": "loaded", "seconds": round(time.monotonic() - started, 3)})
+
+
+@bp.post("/admin/unload")
+def admin_unload() -> Response:
+    """Unload a model or ``"all"``, waiting (bounded) for in-flight requests to finish."""
+    body = parse_body(request.get_data(), ModelRequest)
+    started = time.monotonic()
+    report = app_state().manager.unload(body.model, "admin", body.timeout)
+    waited = round(time.monotonic() - started, 3)
+    if report.busy:
+        raise ModelBusy(f"Still serving requests after waiting {waited} s, not unloaded: "
+                        f"{', '.join(report.busy)}; unloaded: {', '.join(report.unloaded) or 'none'}",
+                        param="model")
+    return jsonify({"unloaded": report.unloaded, "not_loaded": report.not_loaded, "waited_seconds": waited})
+
+
+@bp.post("/admin/reload")
+def admin_reload() -> Response:
+    """Re-read the config file and rescan the models folder; a bad config changes nothing."""
+    state = app_state()
+    try:
+        settings = load_settings(state.config_path, state.overrides)
+    except ConfigError as exc:
+        raise InvalidRequest(f"Config not reloaded: {exc}", code="invalid_config") from None
+    old = state.settings
+    state.settings = settings
+    added, removed = state.manager.apply_settings(settings.model_manager)
+    if state.scheduler is not None and settings.model_manager.check_interval != old.model_manager.check_interval:
+        tasks.reschedule(state.scheduler, settings.model_manager.check_interval)
+    return jsonify({"reloaded": True, "added": added, "removed": removed,
+                    "models": [m["id"] for m in state.manager.models()]})

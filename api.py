@@ -1,0 +1,64 @@
+"""The OpenAI-compatible endpoints under ``/v1``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+
+import completions
+from embeddings import create_embeddings
+from errors import ModelNotFound
+from schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_body
+from state import app_state
+
+bp = Blueprint("v1", __name__, url_prefix="/v1")
+
+
+@bp.post("/chat/completions")
+def chat_completions() -> Response:
+    """Chat completion, streamed as Server-Sent Events when ``stream`` is true."""
+    return _complete("chat", parse_body(request.get_data(), ChatCompletionRequest))
+
+
+@bp.post("/completions")
+def text_completions() -> Response:
+    """Text completion of ``prompt``, streamed when ``stream`` is true."""
+    return _complete("text", parse_body(request.get_data(), CompletionRequest))
+
+
+@bp.post("/embeddings")
+def embeddings() -> Response:
+    """One normalised embedding vector per input."""
+    body = parse_body(request.get_data(), EmbeddingRequest)
+    return jsonify(create_embeddings(app_state().manager, body))
+
+
+@bp.get("/models")
+def list_models() -> Response:
+    """Every discovered model, loaded or not, in OpenAI's list shape (plus live state)."""
+    return jsonify({"object": "list", "data": [_model_object(m) for m in app_state().manager.models()]})
+
+
+@bp.get("/models/<path:model>")
+def get_model(model: str) -> Response:
+    """One model by id."""
+    manager = app_state().manager
+    model_id = manager.resolve(model)
+    for view in manager.models():
+        if view["id"] == model_id:
+            return jsonify(_model_object(view))
+    raise ModelNotFound(f"The model '{model[:100]}' does not exist", param="model")
+
+
+def _complete(kind: str, body: Any) -> Response:
+    disconnected = request.environ.get("waitress.client_disconnected") or (lambda: False)
+    job = completions.prepare(app_state().manager, kind, body, disconnected)
+    if body.stream:
+        return completions.stream(job)
+    return jsonify(completions.complete(job))
+
+
+def _model_object(view: dict[str, Any]) -> dict[str, Any]:
+    return {"id": view["id"], "object": "model", "created": view["created"], "owned_by": "llama-cpp-server",
+            "state": view["state"], "size_bytes": view["size_bytes"]}

@@ -1,0 +1,136 @@
+"""Turning chat messages into a prompt, and tool calls back out of the model's text.
+
+The model's own Jinja template (GGUF ``tokenizer.chat_template``) is used when present,
+rendered by llama-cpp-python's ``Jinja2ChatFormatter`` (a sandboxed environment with the
+Hugging Face extensions). A model without one gets ``FALLBACK_TEMPLATE`` (ChatML), whose
+end marker becomes a stop string, so even a base model such as stories260K answers chat.
+
+Tool calls use the Hermes/Qwen convention: the model writes
+``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``. ``tool_choice`` "required"
+or a named function constrains generation with a grammar so the call is well-formed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+from errors import InvalidRequest
+from schemas import ChatCompletionRequest
+
+FALLBACK_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+FALLBACK_STOPS = ["<|im_end|>", "<|im_start|>"]
+TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
+
+
+@dataclass
+class ChatPrompt:
+    """A rendered prompt and what generation needs to go with it."""
+
+    text: str
+    stops: list[str] = field(default_factory=list)
+    grammar: str | None = None
+    parse_tools: bool = False
+
+
+class ChatTemplate:
+    """A model's chat template, compiled once per loaded model."""
+
+    def __init__(self, llama: Any) -> None:
+        template = llama.metadata.get("tokenizer.chat_template")
+        self.is_fallback = not template
+        self.source = template or FALLBACK_TEMPLATE
+        model = llama._model
+        bos, eos = llama.token_bos(), llama.token_eos()
+        self.bos_text = model.token_get_text(bos) if bos >= 0 else ""
+        eos_text = model.token_get_text(eos) if eos >= 0 else ""
+        self.formatter = Jinja2ChatFormatter(self.source, eos_token=eos_text, bos_token=self.bos_text)
+        self.stops = list(FALLBACK_STOPS) if self.is_fallback else []
+        self.supports_tools = "tools" in self.source
+
+    def render(self, request: ChatCompletionRequest) -> ChatPrompt:
+        """Render the request's messages (and tools) into a prompt."""
+        messages = [_message_dict(m) for m in request.messages]
+        tools = [t.model_dump(by_alias=True) for t in request.tools or []]
+        use_tools = bool(tools) and request.tool_choice != "none"
+        if use_tools and not self.supports_tools:
+            raise InvalidRequest("This model's chat template does not support tools", param="tools")
+        try:
+            rendered = self.formatter(messages=messages, tools=tools if use_tools else None,
+                                      tool_choice=None if not use_tools else _choice(request))
+        except Exception as exc:  # templates raise on message orders they do not accept
+            raise InvalidRequest(f"The model's chat template rejected the messages: {exc}",
+                                 param="messages") from None
+        grammar = _tool_grammar(request) if use_tools else None
+        return ChatPrompt(rendered.prompt, list(self.stops), grammar, use_tools)
+
+
+def _message_dict(message: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {"role": message.role, "content": message.text()}
+    for key in ("name", "tool_calls", "tool_call_id"):
+        value = getattr(message, key)
+        if value is not None:
+            data[key] = value
+    return data
+
+
+def _choice(request: ChatCompletionRequest) -> Any:
+    choice = request.tool_choice
+    return choice.model_dump() if hasattr(choice, "model_dump") else choice
+
+
+def _tool_grammar(request: ChatCompletionRequest) -> str | None:
+    """A grammar forcing one well-formed tool call when the request demands a call."""
+    choice = request.tool_choice
+    tools = request.tools or []
+    if choice == "required":
+        functions = [t.function for t in tools]
+    elif choice is not None and not isinstance(choice, str):
+        name = choice.function.get("name")
+        functions = [t.function for t in tools if t.function.name == name]
+        if not functions:
+            raise InvalidRequest(f"tool_choice names an unknown function: {name}", param="tool_choice")
+    else:
+        return None
+    schema = {"anyOf": [{"type": "object", "properties": {"name": {"const": f.name}, "arguments": f.parameters},
+                         "required": ["name", "arguments"]} for f in functions]}
+    try:
+        call_grammar = json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:
+        raise InvalidRequest(f"Cannot build a grammar from the tool parameters: {exc}", param="tools") from None
+    call_grammar = re.sub(r"^root ::=", "call ::=", call_grammar, flags=re.MULTILINE)
+    return 'root ::= "<tool_call>" call "</tool_call>"\n' + call_grammar
+
+
+def extract_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """Split generated text into its plain content and OpenAI-shaped tool calls."""
+    calls = []
+    for match in TOOL_CALL.finditer(text):
+        try:
+            call = json.loads(match.group(1))
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            continue
+        arguments = call.get("arguments", call.get("parameters", {}))
+        calls.append({
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": call["name"],
+                         "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)},
+        })
+    if not calls:
+        return text, []
+    content = TOOL_CALL.sub("", text).strip()
+    return content or None, calls

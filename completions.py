@@ -1,0 +1,225 @@
+"""Chat and text completions: from a validated request to OpenAI-shaped responses.
+
+A request's life: lease the model (loading it if needed), build prompt tokens and the
+``Generation`` before any response byte is sent (so bad input still gets a 4xx), then
+either run it to the end under the model's generation lock, or return a stream whose
+iteration takes that lock. The lease is released when the response closes, which the
+WSGI server guarantees even when the client disconnects before the first chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Response
+
+import sse
+from chat_format import ChatTemplate, extract_tool_calls
+from errors import InvalidRequest, ServiceError
+from generation import Generation, SamplingParams
+from model_manager import Lease, ModelManager
+from schemas import ChatCompletionRequest, CompletionRequest, _Generation
+
+log = logging.getLogger(__name__)
+
+Disconnected = Callable[[], bool]
+
+
+@dataclass
+class Job:
+    """One prepared completion: everything decided before the first byte goes out."""
+
+    kind: str  # "chat" or "text"
+    lease: Lease
+    request: _Generation
+    generations: list[Generation]
+    parse_tools: bool = False
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def object_prefix(self) -> str:
+        return "chat.completion" if self.kind == "chat" else "text_completion"
+
+    def usage(self) -> dict[str, int]:
+        prompt = sum(g.result.prompt_tokens for g in self.generations)
+        completion = sum(g.result.completion_tokens for g in self.generations)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def prepare(manager: ModelManager, kind: str, request: _Generation, disconnected: Disconnected) -> Job:
+    """Lease the model and build the generations; releases the lease on any error."""
+    lease = manager.acquire(request.model)
+    try:
+        llama = lease.llama
+        params = _sampling(request)
+        parse_tools = False
+        if isinstance(request, ChatCompletionRequest):
+            template = lease.cache.get("chat_template")
+            if template is None:
+                template = lease.cache["chat_template"] = ChatTemplate(llama)
+            prompt = template.render(request)
+            params.stop = params.stop + prompt.stops
+            params.grammar = prompt.grammar or params.grammar
+            parse_tools = prompt.parse_tools
+            prompts: list[list[int]] = [_tokenize(llama, prompt.text, chat=True)]
+        else:
+            assert isinstance(request, CompletionRequest)
+            prompts = [p if isinstance(p, list) else _tokenize(llama, p, chat=False) for p in request.prompts()]
+        pieces = lease.cache.setdefault("pieces", {})
+        generations = [Generation(llama, tokens, params, pieces, disconnected) for tokens in prompts]
+        return Job(kind, lease, request, generations, parse_tools)
+    except BaseException:
+        lease.release()
+        raise
+
+
+def _sampling(request: _Generation) -> SamplingParams:
+    grammar = request.grammar
+    fmt = request.response_format
+    if fmt is not None and fmt.type != "text":
+        grammar = _format_grammar(fmt)
+    return SamplingParams(
+        max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+        top_k=request.top_k, min_p=request.min_p, repeat_penalty=request.repeat_penalty,
+        presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+        seed=request.seed, stop=request.stops, ignore_eos=request.ignore_eos, grammar=grammar,
+        logit_bias={int(k): v for k, v in (request.logit_bias or {}).items()},
+    )
+
+
+def _format_grammar(fmt: Any) -> str:
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    schema = fmt.json_schema.schema_ if fmt.json_schema is not None else fmt.schema_
+    if fmt.type == "json_object" and not schema:
+        return JSON_GBNF
+    if not schema:
+        raise InvalidRequest("response_format json_schema needs a schema", param="response_format")
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:  # the converter raises assorted errors on schemas it cannot express
+        raise InvalidRequest(f"Unsupported JSON schema: {exc}", param="response_format") from None
+
+
+def _tokenize(llama: Any, text: str, *, chat: bool) -> list[int]:
+    """Tokenize with special tokens parsed; add BOS when the model wants one and it is absent."""
+    tokens = llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    bos = llama.token_bos()
+    if llama._model.add_bos_token() and bos >= 0 and tokens[:1] != [bos]:
+        tokens.insert(0, bos)
+    if not tokens:
+        raise InvalidRequest("The prompt is empty", param="messages" if chat else "prompt")
+    return tokens
+
+
+# ------------------------------------------------------------------ non-streaming
+
+
+def complete(job: Job) -> dict[str, Any]:
+    """Run every generation of ``job`` to the end and build the response body."""
+    try:
+        with job.lease.generating():
+            texts = ["".join(generation) for generation in job.generations]
+    finally:
+        job.lease.release()
+    choices = [_choice(job, i, text, g.result.finish_reason) for i, (text, g) in
+               enumerate(zip(texts, job.generations, strict=True))]
+    _log_done(job, 200)
+    return {"id": _response_id(job), "object": job.object_prefix, "created": job.created,
+            "model": job.lease.model_id, "choices": choices, "usage": job.usage()}
+
+
+def _choice(job: Job, index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+    if job.kind == "text":
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if job.parse_tools:
+        content, calls = extract_tool_calls(text)
+        if calls:
+            message = {"role": "assistant", "content": content, "tool_calls": calls}
+            finish_reason = "tool_calls"
+    return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason}
+
+
+def _response_id(job: Job) -> str:
+    return ("chatcmpl-" if job.kind == "chat" else "cmpl-") + job.id
+
+
+# ---------------------------------------------------------------------- streaming
+
+
+def stream(job: Job) -> Response:
+    """A text/event-stream response; the lease is released when the response closes."""
+    response = Response(_events(job), mimetype=sse.MIMETYPE, headers=sse.HEADERS)
+    response.call_on_close(job.lease.release)
+    return response
+
+
+def _events(job: Job) -> Iterator[bytes]:
+    base = {"id": _response_id(job), "object": job.object_prefix + ".chunk", "created": job.created,
+            "model": job.lease.model_id}
+    status = 200
+    try:
+        with job.lease.generating():
+            for index, generation in enumerate(job.generations):
+                yield from _choice_events(job, base, index, generation)
+        if job.request.stream_options is not None and job.request.stream_options.include_usage:
+            yield sse.event({**base, "choices": [], "usage": job.usage()})
+    except GeneratorExit:
+        status = 499  # the client went away; nothing more can be sent
+        raise
+    except ServiceError as exc:
+        status = exc.status
+        yield sse.event(exc.body())
+    except Exception:
+        log.exception("generation failed model=%s", job.lease.model_id)
+        status = 500
+        yield sse.event(ServiceError("Generation failed; see the server log").body())
+    finally:
+        _log_done(job, status, streamed=True)
+    yield sse.DONE
+
+
+def _choice_events(job: Job, base: dict[str, Any], index: int, generation: Generation) -> Iterator[bytes]:
+    if job.kind == "chat":
+        yield sse.event({**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                              "logprobs": None, "finish_reason": None}]})
+        chunk = sse.ChunkTemplate({**base, "choices": [{"index": index, "delta": {"content": sse.ChunkTemplate.MARK},
+                                                        "logprobs": None, "finish_reason": None}]})
+    else:
+        chunk = sse.ChunkTemplate({**base, "choices": [{"index": index, "text": sse.ChunkTemplate.MARK,
+                                                        "logprobs": None, "finish_reason": None}]})
+    if job.parse_tools:
+        # A tool call is only known once complete: buffer, then send it whole.
+        choice = _choice(job, index, "".join(generation), None)
+        finish = choice["finish_reason"] or generation.result.finish_reason
+        delta = {k: v for k, v in choice["message"].items() if k != "role"}
+        if delta.get("tool_calls"):
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(delta["tool_calls"])]
+        yield sse.event({**base, "choices": [{"index": index, "delta": delta, "logprobs": None,
+                                              "finish_reason": None}]})
+    else:
+        for text in generation:
+            yield chunk.render(text)
+        finish = generation.result.finish_reason
+    last: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": finish}
+    last.update({"delta": {}} if job.kind == "chat" else {"text": ""})
+    yield sse.event({**base, "choices": [last]})
+
+
+def _log_done(job: Job, status: int, streamed: bool = False) -> None:
+    seconds = time.monotonic() - job.started
+    usage = job.usage()
+    rate = usage["completion_tokens"] / seconds if seconds > 0 else 0.0
+    finish = ",".join(str(g.result.finish_reason) for g in job.generations)
+    log.info("completion model=%s kind=%s stream=%s status=%d prompt_tokens=%d completion_tokens=%d "
+             "seconds=%.3f tokens_per_s=%.1f finish=%s", job.lease.model_id, job.kind, streamed, status,
+             usage["prompt_tokens"], usage["completion_tokens"], seconds, rate, finish)

@@ -1,0 +1,144 @@
+"""The one typed configuration schema, fed by the file, the environment and the command line.
+
+Precedence, highest first: command-line flag > environment variable (a ``.env`` file is
+read into the environment but never overrides a variable already set) > ``config.json`` >
+the defaults written here. Unknown keys and wrong types are errors that name the file
+and the key. Relative paths from the file resolve against the file's folder; relative
+paths from a flag or the environment resolve against the working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ENV_PREFIX = "LLAMA_SERVER_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ServerSettings(_Section):
+    """HTTP side: where to listen, who may call from a browser, waitress limits."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    cors_origins: list[str] = ["http://localhost:5000"]
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    # Streams hold a worker thread each; enough threads keep /health answering.
+    threads: int = Field(16, ge=2, le=1024)
+    max_request_body: int = Field(4 * 1024 * 1024, ge=1024)
+    connection_limit: int = Field(100, ge=1)
+
+
+class ManagerSettings(_Section):
+    """Model side: where models live, how they load, when they unload."""
+
+    models_directory: Path = Path("./models")
+    idle_timeout: float = Field(300, ge=0)
+    check_interval: float = Field(60, gt=0)
+    n_ctx: int = Field(4096, ge=0)
+    n_gpu_layers: int = -1
+    n_threads: int | None = Field(None, ge=1)
+    default_model: str | None = None
+    # How long /admin/unload and /admin/reload wait for in-flight requests to finish.
+    unload_timeout: float = Field(30, ge=0)
+
+
+class Settings(_Section):
+    """The whole configuration."""
+
+    server: ServerSettings = ServerSettings()
+    model_manager: ManagerSettings = ManagerSettings()
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message is one line for a person."""
+
+
+# Every leaf key can be set as LLAMA_SERVER_<KEY>; keys are unique across sections.
+ENV_KEYS: dict[str, tuple[str, str]] = {
+    ENV_PREFIX + key.upper(): (section, key)
+    for section, model in (("server", ServerSettings), ("model_manager", ManagerSettings))
+    for key in model.model_fields
+}
+
+
+def load_settings(path: Path | None, overrides: dict[str, dict[str, Any]] | None = None,
+                  environ: dict[str, str] | None = None, *, required: bool = False) -> Settings:
+    """Read ``path``, apply the environment then ``overrides``, and validate.
+
+    A missing file means built-in defaults unless ``required`` (the user named it).
+    """
+    if path is not None and not path.exists() and required:
+        raise ConfigError(f"{path}: file not found")
+    data = _read_file(path) if path is not None and path.exists() else {}
+    base_dir = path.parent if path is not None else Path.cwd()
+    _resolve_file_paths(data, base_dir)
+    layers = [_from_environ(os.environ if environ is None else environ), overrides or {}]
+    for layer in layers:
+        for section, values in layer.items():
+            target = data.setdefault(section, {})
+            if not isinstance(target, dict):
+                break
+            target.update(values)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(path, exc)) from None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a JSON object")
+    return data
+
+
+def _resolve_file_paths(data: dict[str, Any], base_dir: Path) -> None:
+    manager = data.get("model_manager")
+    if isinstance(manager, dict) and isinstance(manager.get("models_directory"), str):
+        directory = Path(manager["models_directory"]).expanduser()
+        manager["models_directory"] = str(directory if directory.is_absolute() else base_dir / directory)
+
+
+def _from_environ(environ: dict[str, str] | os._Environ[str]) -> dict[str, dict[str, Any]]:
+    layer: dict[str, dict[str, Any]] = {}
+    for name, (section, key) in ENV_KEYS.items():
+        if name in environ:
+            layer.setdefault(section, {})[key] = _parse_env_value(key, environ[name])
+    return layer
+
+
+def _parse_env_value(key: str, raw: str) -> Any:
+    if key == "cors_origins":
+        return [origin.strip() for origin in raw.split(",") if origin.strip()]
+    if key == "models_directory":
+        return str(Path(raw).expanduser().resolve())
+    if raw.strip().lower() in ("", "null", "none"):
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _describe(path: Path | None, exc: ValidationError) -> str:
+    where = str(path) if path is not None else "configuration"
+    parts = []
+    for error in exc.errors():
+        key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        parts.append(f"{key}: {message}")
+    return f"{where}: " + "; ".join(parts)

@@ -1,0 +1,139 @@
+"""One error vocabulary for the service, and the one place that maps errors to HTTP.
+
+Every error a client can see is a ``ServiceError`` subclass carrying its HTTP status,
+OpenAI error ``type`` and ``code``. ``register_error_handlers`` turns those, Werkzeug's
+HTTP exceptions and anything unexpected into OpenAI's ``{"error": {...}}`` body, so no
+view ever builds an error response by hand and no traceback ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """Base of every error the API reports to clients."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI-shaped error object."""
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+class InvalidRequest(ServiceError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class ModelNotFound(ServiceError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class NotAModel(ServiceError):
+    """The file exists but is not a loadable model (not GGUF, truncated, vocab-only)."""
+
+    status = 422
+    type = "invalid_request_error"
+    code = "model_file_invalid"
+
+
+class ModelBusy(ServiceError):
+    status = 409
+    type = "conflict_error"
+    code = "model_busy"
+
+
+class LoadFailed(ServiceError):
+    status = 500
+    type = "server_error"
+    code = "model_load_failed"
+
+
+class InferenceFailed(ServiceError):
+    status = 500
+    type = "server_error"
+    code = "inference_failed"
+
+
+class ShuttingDown(ServiceError):
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
+
+
+def error_body(message: str, type_: str, param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """Build ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# Werkzeug's HTTP errors keep their status; these give them OpenAI codes.
+_HTTP_CODES = {
+    400: ("invalid_request_error", "invalid_request"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+}
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Install the handlers that turn every exception into an OpenAI error response."""
+
+    @app.errorhandler(ServiceError)
+    def _service_error(exc: ServiceError) -> Response:
+        return error_response(exc)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        type_, code = _HTTP_CODES.get(status, ("invalid_request_error", "http_error"))
+        message = exc.description or exc.name
+        if status == 405:
+            message = f"Method not allowed on this endpoint; allowed: {', '.join(exc.valid_methods or [])}"
+        elif status == 413:
+            message = "Request body is larger than the server's limit (server.max_request_body)"
+        response = jsonify(error_body(message, type_, None, code))
+        response.status_code = status
+        for key, value in exc.get_headers():
+            if key.lower() == "allow":
+                response.headers[key] = value
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return error_response(ServiceError("Internal server error; see the server log"))
+
+
+def error_response(exc: ServiceError) -> Response:
+    """The JSON response for a service error."""
+    response = jsonify(exc.body())
+    response.status_code = exc.status
+    response.headers.update(exc.headers)
+    return response

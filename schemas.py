@@ -1,0 +1,251 @@
+"""Request schemas for the OpenAI-compatible and admin endpoints (pydantic, strict types).
+
+Unknown fields are ignored, as OpenAI's own clients send fields we have no use for;
+fields we know but cannot honour (``n`` > 1, ``logprobs``, ``echo``, ``suffix``) are
+refused by name so a client never silently gets less than it asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from errors import InvalidRequest
+
+MAX_STOP_STRINGS = 16
+MAX_EMBEDDING_INPUTS = 2048
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(_Body):
+    name: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # llama-server's shorthand
+
+
+class _Generation(_Body):
+    """Fields shared by chat and text completions."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.8, ge=0, le=10)
+    top_p: float = Field(0.95, ge=0, le=1)
+    top_k: int = Field(40, ge=0)
+    min_p: float = Field(0.05, ge=0, le=1)
+    repeat_penalty: float = Field(1.0, gt=0, le=10)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    response_format: ResponseFormat | None = None
+    grammar: str | None = None  # llama-server's extension: a GBNF grammar
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self) -> _Generation:
+        if self.n != 1:
+            raise _field_error("n", "only n=1 is supported")
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
+            raise _field_error("stop", f"at most {MAX_STOP_STRINGS} stop strings are supported")
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise _field_error("logit_bias", f"keys must be token ids, got {key[:40]!r}")
+            if not -100 <= bias <= 100:
+                raise _field_error("logit_bias", "values must be between -100 and 100")
+        return self
+
+    @property
+    def stops(self) -> list[str]:
+        """``stop`` as a list."""
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        """The message's text, text parts joined."""
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class FunctionDef(_Body):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: dict[str, str]
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    logprobs: bool | None = None
+
+    @model_validator(mode="after")
+    def _chat_checks(self) -> ChatCompletionRequest:
+        if self.logprobs:
+            raise _field_error("logprobs", "logprobs are not supported")
+        if self.max_tokens is None:
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[str] | list[int] = Field(...)
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @model_validator(mode="after")
+    def _completion_checks(self) -> CompletionRequest:
+        if self.logprobs is not None:
+            raise _field_error("logprobs", "logprobs are not supported")
+        if self.echo:
+            raise _field_error("echo", "echo is not supported")
+        if self.suffix:
+            raise _field_error("suffix", "suffix (fill-in-the-middle) is not supported")
+        if self.best_of not in (None, 1):
+            raise _field_error("best_of", "only best_of=1 is supported")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise _field_error("prompt", "prompt must not be empty")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per choice: a string or a list of token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and isinstance(self.prompt[0], int):
+            return [list(self.prompt)]  # type: ignore[arg-type]
+        return list(self.prompt)  # type: ignore[arg-type]
+
+
+class EmbeddingRequest(_Body):
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _inputs(self) -> EmbeddingRequest:
+        if isinstance(self.input, list):
+            if not self.input:
+                raise _field_error("input", "input must not be empty")
+            if len(self.input) > MAX_EMBEDDING_INPUTS:
+                raise _field_error("input", f"at most {MAX_EMBEDDING_INPUTS} inputs per request")
+        return self
+
+    def inputs(self) -> list[str | list[int]]:
+        """One entry per embedding: a string or a list of token ids."""
+        if isinstance(self.input, str):
+            return [self.input]
+        if isinstance(self.input[0], int):
+            return [list(self.input)]  # type: ignore[arg-type]
+        return list(self.input)  # type: ignore[arg-type]
+
+
+class ModelRequest(_Body):
+    """``/admin/load`` and ``/admin/unload``."""
+
+    model: str = Field(min_length=1)
+    timeout: float | None = Field(None, ge=0, le=3600)
+
+
+class _FieldError(ValueError):
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _field_error(param: str, message: str) -> _FieldError:
+    return _FieldError(param, message)
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def parse_body(raw: bytes, schema: type[Body]) -> Body:
+    """Parse a JSON request body into ``schema`` or raise ``InvalidRequest`` naming the field."""
+    try:
+        data = json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}",
+                             code="invalid_json") from None
+    except RecursionError:
+        raise InvalidRequest("The JSON body is nested too deeply", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object", code="invalid_json")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+    except _FieldError as exc:
+        raise InvalidRequest(str(exc), param=exc.param) from None
+
+
+def _invalid(exc: ValidationError) -> InvalidRequest:
+    first = exc.errors(include_url=False)[0]
+    context = first.get("ctx") or {}
+    error = context.get("error")
+    if isinstance(error, _FieldError):
+        return InvalidRequest(f"Invalid '{error.param}': {error}", param=error.param)
+    param = _param_path(first["loc"])
+    if first["type"] == "missing":
+        return InvalidRequest(f"Missing required parameter: '{param}'", param=param, code="missing_required_parameter")
+    message = first["msg"].removeprefix("Value error, ")
+    return InvalidRequest(f"Invalid '{param}': {message}", param=param)
+
+
+def _param_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not (isinstance(part, str) and (part[:1].isupper() or "[" in part or part in ("str", "int"))):
+            path += f".{part}" if path else str(part)
+    return path

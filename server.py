@@ -1,0 +1,179 @@
+"""llama-cpp-server: the app factory and the command-line entry point.
+
+``create_app`` builds an app and loads nothing; ``main`` reads the configuration (flag >
+environment / .env > config.json > defaults), serves the app with waitress, and on
+SIGTERM or SIGINT refuses new requests, lets running ones finish (bounded by
+``unload_timeout``), unloads every model and exits 0.
+"""
+
+from __future__ import annotations
+
+import _thread
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from dotenv import load_dotenv
+from flask import Flask, Response, g, request
+from flask_cors import CORS
+
+import admin
+import api
+import tasks
+from config import CONFIG_ENV, ConfigError, ServerSettings, Settings, load_settings
+from errors import register_error_handlers
+from llama_backend import load_llama
+from model_manager import Clock, Loader, ModelManager
+from state import EXTENSION, AppState
+
+log = logging.getLogger("llama_cpp_server")
+
+QUIET_PATHS = ("/health", "/metrics")
+
+
+def create_app(settings: Settings, *, config_path: Path | None = None,
+               overrides: dict[str, dict[str, Any]] | None = None, clock: Clock = time.monotonic,
+               loader: Loader = load_llama, start_scheduler: bool = True) -> Flask:
+    """Build the WSGI app around a fresh ``ModelManager``; nothing is loaded yet."""
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.server.max_request_body
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    manager = ModelManager(settings.model_manager, clock=clock, loader=loader)
+    state = AppState(settings, manager, config_path, overrides or {})
+    if start_scheduler:
+        state.scheduler = tasks.start_scheduler(manager, settings.model_manager.check_interval)
+    app.extensions[EXTENSION] = state
+    CORS(app, origins=settings.server.cors_origins, supports_credentials=False)
+    register_error_handlers(app)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(admin.bp)
+    _install_request_log(app)
+    if not manager.models():
+        log.warning("no models found in %s: put .gguf files there (sub-folders are scanned too), "
+                    "then POST /admin/reload or just request them by name",
+                    settings.model_manager.models_directory)
+    return app
+
+
+def close_app(app: Flask, timeout: float) -> None:
+    """Stop the scheduler, let requests finish for up to ``timeout`` s, unload every model."""
+    state: AppState = app.extensions[EXTENSION]
+    if state.scheduler is not None:
+        state.scheduler.shutdown(wait=False)
+    state.manager.shutdown(timeout)
+
+
+def _install_request_log(app: Flask) -> None:
+    @app.before_request
+    def _start_timer() -> None:
+        g.started = time.monotonic()
+
+    @app.after_request
+    def _log_request(response: Response) -> Response:
+        level = logging.DEBUG if request.path in QUIET_PATHS else logging.INFO
+        seconds = time.monotonic() - g.get("started", time.monotonic())
+        log.log(level, "request method=%s path=%s status=%d seconds=%.3f stream=%s", request.method,
+                request.path, response.status_code, seconds, response.mimetype == "text/event-stream")
+        return response
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="OpenAI-compatible llama.cpp server for GGUF models")
+    parser.add_argument("--config", type=Path, help=f"config file (default: ./config.json; env {CONFIG_ENV})")
+    parser.add_argument("--host", help="address to bind (LLAMA_SERVER_HOST)")
+    parser.add_argument("--port", type=int, help="port to listen on (LLAMA_SERVER_PORT)")
+    parser.add_argument("--models-dir", type=Path, help="folder of .gguf files (LLAMA_SERVER_MODELS_DIRECTORY)")
+    return parser.parse_args(argv)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    overrides: dict[str, dict[str, Any]] = {}
+    if args.host is not None:
+        overrides.setdefault("server", {})["host"] = args.host
+    if args.port is not None:
+        overrides.setdefault("server", {})["port"] = args.port
+    if args.models_dir is not None:
+        overrides.setdefault("model_manager", {})["models_directory"] = str(args.models_dir.resolve())
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the exit status."""
+    load_dotenv(override=False)
+    args = parse_args(argv)
+    named = args.config or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+    config_path = (named or Path("config.json")).resolve()
+    overrides = _overrides(args)
+    try:
+        settings = load_settings(config_path, overrides, required=named is not None)
+    except ConfigError as exc:
+        print(f"llama-cpp-server: config error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.server.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    return serve(create_app(settings, config_path=config_path, overrides=overrides), settings)
+
+
+def build_wsgi_server(app: Flask, server_settings: ServerSettings) -> Any:
+    """A waitress server for ``app``, bound and listening (raises OSError if the port is taken)."""
+    from waitress.server import create_server
+
+    return create_server(
+        app, host=server_settings.host, port=server_settings.port, threads=server_settings.threads,
+        connection_limit=server_settings.connection_limit,
+        # Flask answers oversize bodies with a JSON 413; waitress only stops absurd ones.
+        max_request_body_size=server_settings.max_request_body * 2 + 65536,
+        # Lets waitress notice a client that hung up while its stream is generating.
+        channel_request_lookahead=1, ident="llama-cpp-server", clear_untrusted_proxy_headers=True)
+
+
+def serve(app: Flask, settings: Settings) -> int:
+    """Serve ``app`` with waitress until a signal; drain, unload, and return 0."""
+    server_settings = settings.server
+    try:
+        server = build_wsgi_server(app, server_settings)
+    except OSError as exc:
+        print(f"llama-cpp-server: cannot listen on {server_settings.host}:{server_settings.port}: "
+              f"{exc.strerror}", file=sys.stderr)
+        close_app(app, 0)
+        return 1
+    if server_settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: anyone who can reach this address can use the models",
+                    server_settings.host)
+    stopping = threading.Event()
+
+    def _drain_then_stop() -> None:
+        close_app(app, settings.model_manager.unload_timeout)
+        _thread.interrupt_main()
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        if stopping.is_set():
+            _thread.interrupt_main()  # a second signal: stop now
+            return
+        stopping.set()
+        log.info("shutdown requested signal=%s; finishing in-flight requests", signal.Signals(signum).name)
+        threading.Thread(target=_drain_then_stop, name="shutdown", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    log.info("listening on http://%s:%d models_directory=%s", server_settings.host, server.effective_port,
+             settings.model_manager.models_directory)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    log.info("shutdown complete")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""The per-app objects the views need, kept in ``app.extensions`` (no module globals)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flask import current_app
+
+from config import Settings
+from model_manager import ModelManager
+
+EXTENSION = "llama_cpp_server"
+
+
+@dataclass
+class AppState:
+    """What one app instance owns: its settings, its model manager, its scheduler."""
+
+    settings: Settings
+    manager: ModelManager
+    config_path: Path | None
+    overrides: dict[str, dict[str, Any]]
+    scheduler: Any = None
+    started: float = field(default_factory=time.monotonic)
+
+
+def app_state() -> AppState:
+    """The state of the app handling the current request."""
+    return current_app.extensions[EXTENSION]
