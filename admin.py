@@ -58,7 +58,8 @@ def admin_reload() -> Response:
     """Re-read the config file and rescan the models folder; a bad config changes nothing."""
     state = app_state()
     try:
-        settings = load_settings(state.config_path, state.overrides)
+        # An app built from settings alone (no file) keeps them and only rescans.
+        settings = state.settings if state.config_path is None else load_settings(state.config_path, state.overrides)
     except ConfigError as exc:
         raise InvalidRequest(f"Config not reloaded: {exc}", code="invalid_config") from None
     old = state.settings

@@ -60,7 +60,7 @@ class Generation:
 
     def __init__(self, llama: llama_cpp.Llama, prompt: list[int], params: SamplingParams,
                  pieces: dict[int, bytes], should_stop: Callable[[], bool] = lambda: False) -> None:
-        n_ctx = llama.n_ctx()
+        n_ctx = context_size(llama)
         if len(prompt) >= n_ctx:
             raise ContextLengthExceeded(
                 f"This model's context window is {n_ctx} tokens; the prompt has {len(prompt)} "
@@ -110,6 +110,11 @@ class Generation:
                 # A failed decode can leave the KV cache out of step with n_tokens; the
                 # next request must not reuse it ("failed to find a memory slot").
                 llama.reset()
+
+
+def context_size(llama: llama_cpp.Llama) -> int:
+    """Usable context: llama.cpp may pad its context, but llama-cpp-python's token buffer is as asked."""
+    return min(llama.n_ctx(), len(llama.input_ids))
 
 
 def _eval_prompt(llama: llama_cpp.Llama, prompt: list[int]) -> None:
