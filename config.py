@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -81,7 +81,8 @@ def load_settings(path: Path | None, overrides: dict[str, dict[str, Any]] | None
     data = _read_file(path) if path is not None and path.exists() else {}
     base_dir = path.parent if path is not None else Path.cwd()
     _resolve_file_paths(data, base_dir)
-    layers = [_from_environ(os.environ if environ is None else environ), overrides or {}]
+    env_layer = _from_environ(os.environ if environ is None else environ)
+    layers = [env_layer, overrides or {}]
     for layer in layers:
         for section, values in layer.items():
             target = data.setdefault(section, {})
@@ -91,7 +92,7 @@ def load_settings(path: Path | None, overrides: dict[str, dict[str, Any]] | None
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(path, exc)) from None
+        raise ConfigError(_describe(path, exc, env_layer, overrides or {})) from None
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -128,17 +129,36 @@ def _parse_env_value(key: str, raw: str) -> Any:
         return str(Path(raw).expanduser().resolve())
     if raw.strip().lower() in ("", "null", "none"):
         return None
+    if key in _STRING_KEYS:
+        return raw  # a model named "2024" stays a string
     try:
         return json.loads(raw)
     except json.JSONDecodeError:
         return raw
 
 
-def _describe(path: Path | None, exc: ValidationError) -> str:
-    where = str(path) if path is not None else "configuration"
+def _is_text(annotation: Any) -> bool:
+    return annotation is str or get_origin(annotation) is Literal or str in get_args(annotation)
+
+
+_STRING_KEYS = {key for model in (ServerSettings, ManagerSettings)
+                for key, info in model.model_fields.items() if _is_text(info.annotation)}
+
+
+def _describe(path: Path | None, exc: ValidationError, env_layer: dict[str, dict[str, Any]],
+              overrides: dict[str, dict[str, Any]]) -> str:
+    """One line per problem, naming where the bad value came from: flag, environment or file."""
     parts = []
     for error in exc.errors():
-        key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        loc = tuple(str(p) for p in error["loc"])
+        key = ".".join(loc) or "(top level)"
         message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
-        parts.append(f"{key}: {message}")
-    return f"{where}: " + "; ".join(parts)
+        section, leaf = (*loc, "", "")[:2]
+        if leaf in overrides.get(section, {}):
+            where = "command line"
+        elif leaf in env_layer.get(section, {}):
+            where = f"environment {ENV_PREFIX}{leaf.upper()}"
+        else:
+            where = str(path) if path is not None else "configuration"
+        parts.append(f"{where}: {key}: {message}")
+    return "; ".join(parts)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dotenv import load_dotenv
+from dotenv import find_dotenv, load_dotenv
 from flask import Flask, Response, g, request
 from flask_cors import CORS
 
@@ -105,7 +105,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; returns the exit status."""
-    load_dotenv(override=False)
+    load_dotenv(find_dotenv(usecwd=True), override=False)  # .env of the working directory
     args = parse_args(argv)
     named = args.config or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
     config_path = (named or Path("config.json")).resolve()
@@ -151,19 +151,18 @@ def serve(app: Flask, settings: Settings) -> int:
 
     def _drain_then_stop() -> None:
         close_app(app, settings.model_manager.unload_timeout)
-        _thread.interrupt_main()
+        _thread.interrupt_main()  # runs _on_signal in the main thread, which stops the loop
 
     def _on_signal(signum: int, _frame: Any) -> None:
         if stopping.is_set():
-            _thread.interrupt_main()  # a second signal: stop now
-            return
+            raise KeyboardInterrupt  # drained, or a second signal: leave waitress's loop now
         stopping.set()
         log.info("shutdown requested signal=%s; finishing in-flight requests", signal.Signals(signum).name)
         threading.Thread(target=_drain_then_stop, name="shutdown", daemon=True).start()
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    log.info("listening on http://%s:%d models_directory=%s", server_settings.host, server.effective_port,
+    log.info("listening on http://%s:%s models_directory=%s", server_settings.host, server.effective_port,
              settings.model_manager.models_directory)
     try:
         server.run()

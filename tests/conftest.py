@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from config import ManagerSettings, ServerSettings, Settings  # noqa: E402
 from gguf_factory import CHATML_TEMPLATE, write_llama_model  # noqa: E402
+
+from config import ManagerSettings, ServerSettings, Settings  # noqa: E402
 from llama_backend import LoadOptions, load_llama  # noqa: E402
 from server import build_wsgi_server, close_app, create_app  # noqa: E402
 

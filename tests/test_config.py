@@ -126,8 +126,6 @@ def test_bad_environment_value_names_the_key(tmp_path):
         load_settings(tmp_path / "absent.json", environ={"LLAMA_SERVER_PORT": "abc"})
 
 
-@pytest.mark.xfail(strict=True, reason="config._parse_env_value json-decodes every value, so the string "
-                   "'2024' becomes the int 2024 and pydantic rejects it for the str field default_model")
 def test_numeric_default_model_name_from_environment_stays_a_string(tmp_path):
     settings = load_settings(tmp_path / "absent.json", environ={"LLAMA_SERVER_DEFAULT_MODEL": "2024"})
     assert settings.model_manager.default_model == "2024"
