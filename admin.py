@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import queue
 import time
+from collections.abc import Iterator
+from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
+import sse
 import tasks
 from config import ConfigError, load_settings
 from errors import InvalidRequest, ModelBusy
@@ -13,6 +17,8 @@ from schemas import ModelRequest, parse_body
 from state import app_state
 
 bp = Blueprint("admin", __name__)
+
+EVENTS_HEARTBEAT = 1.0  # seconds between checks for shutdown; a ": ping" comment each time
 
 
 @bp.get("/health")
@@ -35,7 +41,7 @@ def admin_load() -> Response:
     body = parse_body(request.get_data(), ModelRequest)
     manager = app_state().manager
     started = time.monotonic()
-    model_id = manager.load(body.model)
+    model_id = manager.load(body.model, keep_alive=body.keep_alive)
     return jsonify({"model": model_id, "state": "loaded", "seconds": round(time.monotonic() - started, 3)})
 
 
@@ -64,8 +70,41 @@ def admin_reload() -> Response:
         raise InvalidRequest(f"Config not reloaded: {exc}", code="invalid_config") from None
     old = state.settings
     state.settings = settings
-    added, removed = state.manager.apply_settings(settings.model_manager)
+    added, removed = state.manager.apply_settings(settings.model_manager, settings.models)
     if state.scheduler is not None and settings.model_manager.check_interval != old.model_manager.check_interval:
         tasks.reschedule(state.scheduler, settings.model_manager.check_interval)
     return jsonify({"reloaded": True, "added": added, "removed": removed,
                     "models": [m["id"] for m in state.manager.models()]})
+
+
+@bp.get("/admin/events")
+def admin_events() -> Response:
+    """Lifecycle events as Server-Sent Events (``event: loaded`` ...), recent history first."""
+    manager = app_state().manager
+    bus = manager.events
+    subscriber = bus.subscribe()
+    backlog = bus.history() if request.args.get("history", "1") != "0" else []
+
+    def stream() -> Iterator[bytes]:
+        try:
+            seen = 0
+            for event in backlog:
+                seen = event["id"]
+                yield _event_bytes(event)
+            yield sse.comment("live")
+            while not manager.closing:
+                try:
+                    event = subscriber.get(timeout=EVENTS_HEARTBEAT)
+                except queue.Empty:
+                    yield sse.comment("ping")
+                    continue
+                if event["id"] > seen:
+                    yield _event_bytes(event)
+        finally:
+            bus.unsubscribe(subscriber)
+
+    return Response(stream(), mimetype=sse.MIMETYPE, headers=sse.HEADERS)
+
+
+def _event_bytes(event: dict[str, Any]) -> bytes:
+    return f"id: {event['id']}\nevent: {event['event']}\n".encode() + sse.event(event)

@@ -37,7 +37,12 @@ def embeddings() -> Response:
 @bp.get("/models")
 def list_models() -> Response:
     """Every discovered model, loaded or not, in OpenAI's list shape (plus live state)."""
-    return jsonify({"object": "list", "data": [_model_object(m) for m in app_state().manager.models()]})
+    data = []
+    for view in app_state().manager.models():
+        entry = _model_object(view)
+        data.append(entry)
+        data.extend({**entry, "id": alias, "alias_of": view["id"]} for alias in view["aliases"])
+    return jsonify({"object": "list", "data": data})
 
 
 @bp.get("/models/<path:model>")
@@ -52,8 +57,11 @@ def get_model(model: str) -> Response:
 
 
 def _complete(kind: str, body: Any) -> Response:
+    manager = app_state().manager
     disconnected = request.environ.get("waitress.client_disconnected") or (lambda: False)
-    job = completions.prepare(app_state().manager, kind, body, disconnected)
+    if body.stream and not manager.is_loaded(body.model):
+        return completions.stream_after_load(manager, kind, body, disconnected, manager.resolve(body.model))
+    job = completions.prepare(manager, kind, body, disconnected)
     if body.stream:
         return completions.stream(job)
     return jsonify(completions.complete(job))
@@ -61,4 +69,4 @@ def _complete(kind: str, body: Any) -> Response:
 
 def _model_object(view: dict[str, Any]) -> dict[str, Any]:
     return {"id": view["id"], "object": "model", "created": view["created"], "owned_by": "llama-cpp-server",
-            "state": view["state"], "size_bytes": view["size_bytes"]}
+            **{key: value for key, value in view.items() if key not in ("id", "created", "path")}}

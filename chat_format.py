@@ -47,8 +47,8 @@ class ChatPrompt:
 class ChatTemplate:
     """A model's chat template, compiled once per loaded model."""
 
-    def __init__(self, llama: Any) -> None:
-        template = llama.metadata.get("tokenizer.chat_template")
+    def __init__(self, llama: Any, override: str | None = None) -> None:
+        template = override or llama.metadata.get("tokenizer.chat_template")
         self.is_fallback = not template
         self.source = template or FALLBACK_TEMPLATE
         model = llama._model

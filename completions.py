@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Response
+from pydantic import BaseModel
 
 import sse
 from chat_format import ChatTemplate, extract_tool_calls
@@ -56,15 +58,17 @@ class Job:
 
 def prepare(manager: ModelManager, kind: str, request: _Generation, disconnected: Disconnected) -> Job:
     """Lease the model and build the generations; releases the lease on any error."""
-    lease = manager.acquire(request.model)
+    lease = manager.acquire(request.model, keep_alive=request.keep_alive)
     try:
         llama = lease.llama
+        settings = lease.settings
+        apply_defaults(request, settings.default)
         params = _sampling(request)
         parse_tools = False
         if isinstance(request, ChatCompletionRequest):
             template = lease.cache.get("chat_template")
             if template is None:
-                template = lease.cache["chat_template"] = ChatTemplate(llama)
+                template = lease.cache["chat_template"] = ChatTemplate(llama, settings.chat_template)
             prompt = template.render(request)
             params.stop = params.stop + prompt.stops
             params.grammar = prompt.grammar or params.grammar
@@ -79,6 +83,13 @@ def prepare(manager: ModelManager, kind: str, request: _Generation, disconnected
     except BaseException:
         lease.release()
         raise
+
+
+def apply_defaults(request: _Generation, defaults: BaseModel) -> None:
+    """Fill the fields the request left out with the model's configured defaults."""
+    for name in defaults.model_fields_set:
+        if name not in request.model_fields_set:
+            setattr(request, name, getattr(defaults, name))
 
 
 def _sampling(request: _Generation) -> SamplingParams:
@@ -161,6 +172,59 @@ def stream(job: Job) -> Response:
     response = Response(_events(job), mimetype=sse.MIMETYPE, headers=sse.HEADERS)
     response.call_on_close(job.lease.release)
     return response
+
+
+def stream_after_load(manager: ModelManager, kind: str, request: _Generation, disconnected: Disconnected,
+                      model_id: str) -> Response:
+    """A stream for a model that is not loaded yet: headers now, ``: loading`` comments until it is.
+
+    Clients that give up on a silent connection (30 s is common) survive a slow load.
+    ``prepare`` runs in a helper thread; whoever finishes last releases its lease.
+    """
+    pending = _PendingJob(lambda: prepare(manager, kind, request, disconnected))
+
+    def events() -> Iterator[bytes]:
+        yield sse.comment(f"loading {model_id}")
+        while not pending.done.wait(sse.LOADING_COMMENT_INTERVAL):
+            yield sse.comment(f"loading {model_id} {manager.loading_progress(model_id) * 100:.0f}%")
+        if pending.error is not None:
+            error = pending.error if isinstance(pending.error, ServiceError) else ServiceError("Load failed")
+            yield sse.event(error.body())
+            yield sse.DONE
+            return
+        assert pending.job is not None
+        yield from _events(pending.job)
+
+    response = Response(events(), mimetype=sse.MIMETYPE, headers=sse.HEADERS)
+    response.call_on_close(pending.release)
+    return response
+
+
+class _PendingJob:
+    """A ``prepare`` running in its own thread, so a stream can send comments meanwhile."""
+
+    def __init__(self, build: Callable[[], Job]) -> None:
+        self.done = threading.Event()
+        self.job: Job | None = None
+        self.error: BaseException | None = None
+        self._build = build
+        threading.Thread(target=self._run, name="prepare", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self.job = self._build()
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def release(self) -> None:
+        """Release the lease once ``prepare`` is done, without blocking the caller."""
+        if self.done.is_set():
+            if self.job is not None:
+                self.job.lease.release()
+            return
+        threading.Thread(target=lambda: (self.done.wait(), self.release()), daemon=True).start()
 
 
 def _events(job: Job) -> Iterator[bytes]:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "LLAMA_SERVER_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
@@ -49,6 +49,64 @@ class ManagerSettings(_Section):
     default_model: str | None = None
     # How long /admin/unload and /admin/reload wait for in-flight requests to finish.
     unload_timeout: float = Field(30, ge=0)
+    max_loaded_models: int = Field(0, ge=0)  # 0: no limit
+    memory_budget: int | None = None  # bytes, or a size string such as "12GiB"
+    load_wait_timeout: float = Field(60, ge=0)  # how long a load waits for room
+    max_queue: int = Field(16, ge=1)  # requests waiting per model before 429
+    preload: list[str] = []
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _parse_size(cls, value: Any) -> Any:
+        return parse_size(value) if isinstance(value, str) else value
+
+
+class SamplingDefaults(_Section):
+    """Per-model defaults merged under each request's own sampling fields."""
+
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=10)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repeat_penalty: float | None = Field(None, gt=0, le=10)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    ignore_eos: bool | None = None
+
+
+class ModelSettings(_Section):
+    """Settings of one model, keyed by its id in the top-level ``models`` section."""
+
+    aliases: list[str] = []
+    idle_timeout: float | None = Field(None, ge=-1)  # 0: unload when idle; -1: never
+    pinned: bool = False  # never evicted by the idle job or capacity pressure
+    n_ctx: int | None = Field(None, ge=0)
+    n_gpu_layers: int | None = None
+    n_threads: int | None = Field(None, ge=1)
+    n_batch: int | None = Field(None, ge=1)
+    flash_attn: bool | None = None
+    use_mlock: bool | None = None
+    use_mmap: bool | None = None
+    embedding: bool = False  # an embedding model: /v1/embeddings only
+    rpc_servers: str | None = None
+    chat_template: str | None = None  # a Jinja template replacing the model's own
+    load: dict[str, Any] = {}  # any other llama_cpp.Llama argument, checked by name and type
+    default: SamplingDefaults = SamplingDefaults()
+
+    @field_validator("load")
+    @classmethod
+    def _check_llama_arguments(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_llama_arguments(value)
+        return value
+
+    def load_arguments(self) -> dict[str, Any]:
+        """The llama_cpp.Llama arguments this section sets (beyond the global ones)."""
+        named = {key: getattr(self, key) for key in ("n_batch", "flash_attn", "use_mlock", "use_mmap",
+                                                     "rpc_servers") if getattr(self, key) is not None}
+        return {**self.load, **named}
 
 
 class Settings(_Section):
@@ -56,6 +114,57 @@ class Settings(_Section):
 
     server: ServerSettings = ServerSettings()
     model_manager: ManagerSettings = ManagerSettings()
+    models: dict[str, ModelSettings] = {}
+
+    @model_validator(mode="after")
+    def _aliases_are_unique(self) -> Settings:
+        seen: dict[str, str] = {}
+        for model_id, model in self.models.items():
+            for alias in model.aliases:
+                if alias in seen or alias in self.models:
+                    raise ValueError(f"alias {alias!r} of {model_id} is already used by {seen.get(alias, alias)}")
+                seen[alias] = model_id
+        return self
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"12GiB"`` -> bytes; plain numbers are bytes."""
+    number = text.strip().lower()
+    digits = number.rstrip("abcdefghijklmnopqrstuvwxyz ").strip()
+    unit = number[len(digits):].strip()
+    if unit not in _SIZE_UNITS:
+        raise ValueError(f"unknown size unit {unit!r} (use e.g. 512MiB, 12GiB, 8GB)")
+    try:
+        return int(float(digits) * _SIZE_UNITS[unit])
+    except ValueError:
+        raise ValueError(f"not a size: {text!r}") from None
+
+
+# Arguments the server itself decides; a config may not set them through ``load``.
+_RESERVED_LLAMA_ARGUMENTS = {"self", "model_path", "verbose", "embedding", "chat_handler", "draft_model", "tokenizer",
+                             "kwargs", "n_ctx", "n_gpu_layers", "n_threads", "chat_format"}
+
+
+def check_llama_arguments(arguments: dict[str, Any]) -> None:
+    """Raise ValueError unless every key is a ``llama_cpp.Llama`` argument of a fitting type."""
+    import inspect
+
+    from llama_cpp import Llama
+
+    parameters = inspect.signature(Llama.__init__).parameters
+    for name, value in arguments.items():
+        if name in _RESERVED_LLAMA_ARGUMENTS or name not in parameters:
+            raise ValueError(f"{name!r} is not a llama_cpp.Llama argument that can be set here")
+        default = parameters[name].default
+        if default is None or default is inspect.Parameter.empty or value is None:
+            continue
+        expected = (int, float) if isinstance(default, float) else type(default)
+        if isinstance(value, bool) is not isinstance(default, bool) or not isinstance(value, expected):
+            raise ValueError(f"{name!r} must be of type {type(default).__name__}")
 
 
 class ConfigError(ValueError):

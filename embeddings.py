@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 def create_embeddings(manager: ModelManager, request: EmbeddingRequest) -> dict[str, Any]:
     """Embed every input with the model's embedding-mode instance."""
     started = time.monotonic()
-    with manager.acquire(request.model, Mode.EMBED) as lease:
+    with manager.acquire(request.model, Mode.EMBED, keep_alive=request.keep_alive) as lease:
         llama = lease.llama
         texts = [_as_text(llama, item) for item in request.inputs()]
         limit = llama.n_batch

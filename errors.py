@@ -68,6 +68,20 @@ class ModelBusy(ServiceError):
     code = "model_busy"
 
 
+class QueueFull(ServiceError):
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+
+class NoCapacity(ServiceError):
+    """No room to load a model because the models holding it are busy."""
+
+    status = 503
+    type = "server_error"
+    code = "capacity_exhausted"
+
+
 class LoadFailed(ServiceError):
     status = 500
     type = "server_error"

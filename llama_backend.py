@@ -18,7 +18,8 @@ import logging
 import sys
 import threading
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,15 @@ class LoadOptions:
     n_gpu_layers: int
     n_threads: int | None
     embedding: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # more llama_cpp.Llama arguments
+    progress: Callable[[float], None] | None = field(default=None, compare=False)
 
 
 def load_llama(model: ModelFile, options: LoadOptions) -> llama_cpp.Llama:
     """Load ``model`` with llama-cpp-python; raise ``NotAModel`` or ``LoadFailed`` with the reason."""
     install_log_routing()
     _local.capture = deque(maxlen=40)
+    _local.progress = _progress_callback(options.progress) if options.progress else None
     kwargs: dict[str, Any] = {
         "n_ctx": options.n_ctx,
         "n_gpu_layers": options.n_gpu_layers,
@@ -62,6 +66,7 @@ def load_llama(model: ModelFile, options: LoadOptions) -> llama_cpp.Llama:
         "n_threads_batch": options.n_threads,
         "embedding": options.embedding,
         "verbose": True,  # see the module docstring: verbose=False dup2s stdout/stderr
+        **options.extra,
     }
     if options.embedding:
         # An embedding input is decoded in one micro-batch, so the batch bounds its length.
@@ -73,6 +78,7 @@ def load_llama(model: ModelFile, options: LoadOptions) -> llama_cpp.Llama:
         raise _diagnose(model, exc) from None
     finally:
         _local.capture = None
+        _local.progress = None
 
 
 def _diagnose(model: ModelFile, exc: Exception) -> Exception:
@@ -116,7 +122,40 @@ def install_log_routing() -> None:
             return
         llama_cpp.llama_log_set(_native_log_callback, ctypes.c_void_p(0))
         sys.stderr = _ThreadRoutedStderr(sys.stderr)
+        _install_progress_hook()
         _installed = True
+
+
+def _install_progress_hook() -> None:
+    """Let a loading thread receive llama.cpp's load progress.
+
+    ``Llama.__init__`` takes no progress callback, but it builds its model parameters with
+    ``llama_model_default_params()`` looked up on the ``llama_cpp.llama_cpp`` module at call
+    time; wrapping that function adds the calling thread's callback, if it set one.
+    """
+    bindings = llama_cpp.llama_cpp
+    original = bindings.llama_model_default_params
+
+    def default_params_with_progress() -> Any:
+        params = original()
+        callback = getattr(_local, "progress", None)
+        if callback is not None:
+            params.progress_callback = callback
+        return params
+
+    bindings.llama_model_default_params = default_params_with_progress
+
+
+def _progress_callback(report: Callable[[float], None]) -> Any:
+    @llama_cpp.llama_progress_callback
+    def on_progress(progress: float, _user_data: ctypes.c_void_p) -> bool:
+        try:
+            report(float(progress))
+        except Exception:  # an exception must not cross into C
+            log.exception("load progress callback failed")
+        return True
+
+    return on_progress
 
 
 @llama_cpp.llama_log_callback

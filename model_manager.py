@@ -1,21 +1,31 @@
-"""Discovery, lazy single-flight loading, leases and unloading of llama.cpp models.
+"""Discovery, lazy single-flight loading, leases, unloading, and the policy that decides them.
 
 Concurrency model
 -----------------
-* ``ModelManager._lock`` (the registry lock) guards ``_files``, ``_instances`` and
-  ``_settings``. It is held only for dictionary work, never during a load, an unload or
+* ``ModelManager._lock`` (the registry lock) guards ``_files``, ``_instances``, ``_settings``
+  and ``_models``. It is held only for dictionary work, never during a load, an unload or
   a generation, so ``/health`` and other models never wait behind one.
 * Each ``Instance`` (one model in one mode: text generation or embeddings) has a
-  condition variable ``cond`` guarding its state, lease count and bookkeeping. Every
-  state change goes through ``ModelManager._transition`` with ``cond`` held, and every
-  decision to unload is taken under ``cond`` together with the lease check it depends
-  on. ``cond`` is never held while llama.cpp runs (load, close or decode).
-* Lock order: registry lock, then an instance's ``cond``; never the other way round.
+  condition variable ``cond`` guarding its state, leases and bookkeeping. Every state
+  change goes through ``ModelManager._transition`` with ``cond`` held, and every decision
+  to unload is taken under ``cond`` together with the lease check it depends on. ``cond``
+  is never held while llama.cpp runs (load, close or decode).
+* ``ModelManager._room`` (a condition) serialises capacity decisions: a load that needs
+  room picks and unloads idle victims, or waits for a lease to end, while holding it.
+  Releases and unloads notify it.
+* Lock order: ``_room``, then the registry lock, then an instance's ``cond``; a thread
+  holding a later one never takes an earlier one.
 * ``Instance.generation_lock`` serialises generations on one ``Llama`` object, which is
   not thread-safe. Requests hold a lease while they queue for it, so a queued request
   keeps its model loaded.
 * A lease is taken before a request waits for a load and released exactly once when its
   response closes; a model with a lease is never unloaded, by anyone.
+
+Policy (one place for it): idle timeout precedence is a request's ``keep_alive`` > the
+model's ``idle_timeout`` > the global one; ``0`` unloads when the last lease ends, a
+negative value never. Pinned models are never evicted by the idle job or for room.
+Capacity (``max_loaded_models``, ``memory_budget``) evicts idle, unpinned models, least
+recently used first; if the others are busy the load waits up to ``load_wait_timeout``.
 """
 
 from __future__ import annotations
@@ -34,9 +44,19 @@ from typing import Any
 
 import psutil
 
-from config import ManagerSettings
+from config import ManagerSettings, ModelSettings
 from discovery import ModelFile, discover
-from errors import InvalidRequest, LoadFailed, ModelNotFound, ServiceError, ShuttingDown
+from errors import (
+    InvalidRequest,
+    LoadFailed,
+    ModelNotFound,
+    NoCapacity,
+    QueueFull,
+    ServiceError,
+    ShuttingDown,
+)
+from events import EventBus
+from gguf_meta import estimate_bytes, model_shape
 from llama_backend import LoadOptions, load_llama
 
 log = logging.getLogger(__name__)
@@ -46,6 +66,8 @@ Clock = Callable[[], float]
 
 MAX_NAME_LENGTH = 512
 REDISCOVER_INTERVAL = 1.0  # seconds between rescans prompted by unknown model names
+PROGRESS_STEP = 0.1  # publish load progress in steps of 10%
+NO_SETTINGS = ModelSettings()
 
 
 class ModelState(str, Enum):
@@ -68,6 +90,7 @@ _TRANSITIONS: dict[ModelState, set[ModelState]] = {
     ModelState.LOADED: {ModelState.UNLOADING},
     ModelState.UNLOADING: {ModelState.UNLOADED},
 }
+_OCCUPYING = (ModelState.LOADING, ModelState.LOADED, ModelState.UNLOADING)
 
 
 @dataclass(eq=False)
@@ -82,12 +105,15 @@ class Instance:
     llama: Any = None
     cache: dict[str, Any] = field(default_factory=dict)  # per-load derived data (token pieces, template)
     leases: int = 0
+    generating: int = 0
     attempt: int = 0
-    loads: int = 0
     error: ServiceError | None = None
     last_used: float = 0.0
     loaded_at: float | None = None
     load_seconds: float | None = None
+    estimate: int = 0
+    progress: float = 0.0
+    keep_alive: float | None = None  # set by a request's keep_alive; beats the config
     removed: bool = False
 
     @property
@@ -117,11 +143,23 @@ class Lease:
         """Data derived from the loaded model, kept until it unloads (token pieces, chat template)."""
         return self._instance.cache
 
+    @property
+    def settings(self) -> ModelSettings:
+        """This model's own settings (aliases, defaults, template override...)."""
+        return self._manager.model_settings(self.model_id)
+
     @contextmanager
     def generating(self) -> Iterator[Any]:
         """Hold the instance's generation lock: one generation at a time per model."""
-        with self._instance.generation_lock:
-            yield self._instance.llama
+        instance = self._instance
+        with instance.generation_lock:
+            with instance.cond:
+                instance.generating += 1
+            try:
+                yield instance.llama
+            finally:
+                with instance.cond:
+                    instance.generating -= 1
 
     def release(self) -> None:
         """Give the lease back; later calls do nothing."""
@@ -148,15 +186,20 @@ class UnloadReport:
 
 
 class ModelManager:
-    """Owns every model instance and every change of its state."""
+    """Owns every model instance, every change of its state, and the policy behind them."""
 
-    def __init__(self, settings: ManagerSettings, *, clock: Clock = time.monotonic,
-                 loader: Loader = load_llama, wall_clock: Clock = time.time) -> None:
+    def __init__(self, settings: ManagerSettings, models: dict[str, ModelSettings] | None = None, *,
+                 clock: Clock = time.monotonic, loader: Loader = load_llama, wall_clock: Clock = time.time,
+                 events: EventBus | None = None) -> None:
         self._settings = settings
+        self._models = dict(models or {})
+        self._aliases = _alias_map(self._models)
         self._clock = clock
         self._wall = wall_clock
         self._loader = loader
+        self.events = events or EventBus()
         self._lock = threading.Lock()
+        self._room = threading.Condition()
         self._files: dict[str, ModelFile] = {}
         self._instances: dict[tuple[str, Mode], Instance] = {}
         self._closing = False
@@ -164,11 +207,31 @@ class ModelManager:
         self._process = psutil.Process()
         self.rediscover()
 
-    # ----------------------------------------------------------------- discovery
+    # ----------------------------------------------------------------- settings
 
     @property
     def settings(self) -> ManagerSettings:
         return self._settings
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def model_settings(self, model_id: str) -> ModelSettings:
+        """The ``models`` section entry for ``model_id`` (empty defaults if none)."""
+        with self._lock:
+            return self._models.get(model_id, NO_SETTINGS)
+
+    def apply_settings(self, settings: ManagerSettings,
+                       models: dict[str, ModelSettings] | None = None) -> tuple[list[str], list[str]]:
+        """Use new settings from the next load on, and rediscover the models folder."""
+        with self._lock:
+            self._settings = settings
+            self._models = dict(models or {})
+            self._aliases = _alias_map(self._models)
+        return self.rediscover()
+
+    # ----------------------------------------------------------------- discovery
 
     def rediscover(self) -> tuple[list[str], list[str]]:
         """Rescan the models folder; return (added ids, removed ids)."""
@@ -190,23 +253,20 @@ class ModelManager:
                         instance.file = found[model_id]
                 if instance.removed:
                     gone.append(instance)
+            unknown = sorted(set(self._models) - set(found))
         for model_id in added:
             log.info("model discovered model=%s path=%s", model_id, found[model_id].path)
         for model_id in removed:
             log.info("model removed model=%s reason=file_gone", model_id)
+        if unknown:
+            log.warning("config names models that are not in the models folder: %s", ", ".join(unknown))
         for instance in gone:
             self._unload_instance(instance, "reload", timeout=0)
         self._forget_removed()
         return added, removed
 
-    def apply_settings(self, settings: ManagerSettings) -> tuple[list[str], list[str]]:
-        """Use new settings from the next load on, and rediscover the models folder."""
-        with self._lock:
-            self._settings = settings
-        return self.rediscover()
-
     def resolve(self, name: str | None) -> str:
-        """Map a request's model name (or None for the default) to a model id."""
+        """Map a request's model name, alias, or None (the default) to a model id."""
         if name is None:
             name = self._settings.default_model
             if name is None:
@@ -217,7 +277,10 @@ class ModelManager:
         for attempt in range(2):
             with self._lock:
                 for candidate in (name, name[:-5] if name.endswith(".gguf") else None):
-                    if candidate is not None and candidate in self._files:
+                    if candidate is None:
+                        continue
+                    candidate = self._aliases.get(candidate, candidate)
+                    if candidate in self._files:
                         return candidate
                 available = list(self._files)
                 stale = time.monotonic() - self._last_scan > REDISCOVER_INTERVAL
@@ -229,14 +292,37 @@ class ModelManager:
         more = f" and {len(available) - 5} more" if len(available) > 5 else ""
         raise ModelNotFound(f"The model '{name[:100]}' does not exist{hint}{more}", param="model")
 
+    def is_loaded(self, name: str | None, mode: Mode = Mode.GENERATE) -> bool:
+        """Whether the model (after resolving ``name``) is loaded now; advisory only."""
+        model_id = self.resolve(name)
+        with self._lock:
+            instance = self._instances.get((model_id, mode))
+        return instance is not None and instance.state is ModelState.LOADED
+
+    def loading_progress(self, model_id: str, mode: Mode = Mode.GENERATE) -> float:
+        """Load progress 0..1 of a loading model (advisory)."""
+        with self._lock:
+            instance = self._instances.get((model_id, mode))
+        return instance.progress if instance is not None else 0.0
+
     # ------------------------------------------------------------------- leases
 
-    def acquire(self, name: str | None, mode: Mode = Mode.GENERATE) -> Lease:
+    def acquire(self, name: str | None, mode: Mode = Mode.GENERATE, keep_alive: float | None = None) -> Lease:
         """Lease the model, loading it first if needed (single-flight). Blocks during a load."""
         model_id = self.resolve(name)
+        settings = self.model_settings(model_id)
+        if settings.embedding and mode is Mode.GENERATE:
+            raise InvalidRequest(f"{model_id} is configured as an embedding model; use /v1/embeddings",
+                                 param="model", code="model_not_generative")
         instance = self._instance(model_id, mode)
+        estimate = self._estimate(instance)  # reads settings: not under cond (lock order)
         awaited: int | None = None
         with instance.cond:
+            if instance.leases - instance.generating >= self._settings.max_queue:
+                raise QueueFull(f"{model_id} already has {self._settings.max_queue} requests waiting; retry shortly",
+                                param="model", headers={"Retry-After": "1"})
+            if keep_alive is not None:
+                instance.keep_alive = keep_alive
             instance.leases += 1
             try:
                 while True:
@@ -251,6 +337,8 @@ class ModelManager:
                         raise _failure(instance)
                     if state in (ModelState.UNLOADED, ModelState.FAILED):
                         instance.attempt += 1
+                        instance.progress = 0.0
+                        instance.estimate = estimate
                         self._transition(instance, ModelState.LOADING)
                         break
                     if state is ModelState.LOADING:
@@ -283,28 +371,105 @@ class ModelManager:
         instance.cond.notify_all()
 
     def _release(self, instance: Instance) -> None:
+        configured, pinned = self._configured_idle_timeout(instance), self._pinned(instance)
         with instance.cond:
             self._drop_lease(instance)
-            orphaned = instance.removed and instance.leases == 0
-        if orphaned:
-            # Its file disappeared at a reload while requests still ran; now it can go.
-            self._unload_instance(instance, "reload", timeout=0)
+            idle = instance.leases == 0 and instance.state is ModelState.LOADED
+            timeout = instance.keep_alive if instance.keep_alive is not None else configured
+            reason = "reload" if instance.removed else "keep_alive" if instance.keep_alive == 0 else "idle"
+            unload_now = idle and (instance.removed or (timeout == 0 and not pinned))
+        with self._room:
+            self._room.notify_all()
+        if unload_now:
+            # A file gone at a reload, or keep_alive 0: this was the last request.
+            self._unload_instance(instance, reason, timeout=0)
             self._forget_removed()
+
+    # ------------------------------------------------------------------- policy
+
+    def _idle_timeout(self, instance: Instance) -> float:
+        """Seconds idle before unloading: request keep_alive > model config > global; <0 never.
+
+        Takes the registry lock: never call it holding ``instance.cond``.
+        """
+        if instance.keep_alive is not None:
+            return instance.keep_alive
+        return self._configured_idle_timeout(instance)
+
+    def _configured_idle_timeout(self, instance: Instance) -> float:
+        configured = self.model_settings(instance.file.id).idle_timeout
+        return configured if configured is not None else self._settings.idle_timeout
+
+    def _pinned(self, instance: Instance) -> bool:
+        return self.model_settings(instance.file.id).pinned
+
+    def _load_options(self, instance: Instance) -> LoadOptions:
+        with self._lock:
+            settings, model = self._settings, self._models.get(instance.file.id, NO_SETTINGS)
+        return LoadOptions(
+            n_ctx=model.n_ctx if model.n_ctx is not None else settings.n_ctx,
+            n_gpu_layers=model.n_gpu_layers if model.n_gpu_layers is not None else settings.n_gpu_layers,
+            n_threads=model.n_threads if model.n_threads is not None else settings.n_threads,
+            embedding=instance.mode is Mode.EMBED, extra=model.load_arguments(),
+            progress=lambda fraction: self._on_progress(instance, fraction))
+
+    def _estimate(self, instance: Instance) -> int:
+        file = instance.file
+        model = self.model_settings(file.id)
+        n_ctx = model.n_ctx if model.n_ctx is not None else self._settings.n_ctx
+        return estimate_bytes(file.size, model_shape(file.path, file.size, file.created), n_ctx)
+
+    def _make_room(self, instance: Instance) -> None:
+        """Unload idle models (LRU) until ``instance`` fits the count and memory limits, or wait."""
+        limit, budget = self._settings.max_loaded_models, self._settings.memory_budget
+        if budget is not None and instance.estimate > budget:
+            raise InvalidRequest(f"{instance.file.id} needs about {_gib(instance.estimate)} (estimate), more than "
+                                 f"the memory_budget of {_gib(budget)}", param="model", code="model_too_large")
+        if not limit and budget is None:
+            return
+        deadline = time.monotonic() + self._settings.load_wait_timeout
+        with self._room:
+            while True:
+                with self._lock:
+                    others = [i for i in self._instances.values() if i is not instance and i.state in _OCCUPYING]
+                over_count = bool(limit) and len(others) + 1 > limit
+                over_memory = budget is not None and sum(i.estimate for i in others) + instance.estimate > budget
+                if not (over_count or over_memory):
+                    return
+                if self._evict_one(others, "capacity" if over_count else "memory"):
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    holders = ", ".join(f"{i.label} ({_gib(i.estimate)}, {i.leases} in flight)" for i in others)
+                    raise NoCapacity(f"No room to load {instance.file.id}: the loaded models are busy: {holders}",
+                                     param="model")
+                self._room.wait(min(remaining, 1.0))
+
+    def _evict_one(self, candidates: list[Instance], reason: str) -> bool:
+        """Unload the least recently used idle, unpinned candidate; False if none can go."""
+        for victim in sorted(candidates, key=lambda i: i.last_used):
+            if self._pinned(victim):
+                continue
+            with victim.cond:
+                if victim.state is not ModelState.LOADED or victim.leases:
+                    continue  # decided under its lock: it may have been leased since the snapshot
+                llama = self._begin_unload(victim, reason)
+            self._finish_unload(victim, llama, reason)
+            return True
+        return False
 
     # ------------------------------------------------------------ load / unload
 
     def _load(self, instance: Instance) -> None:
-        """Run the load outside every lock, then publish the outcome under ``cond``."""
-        with self._lock:
-            settings = self._settings
-        options = LoadOptions(n_ctx=settings.n_ctx, n_gpu_layers=settings.n_gpu_layers,
-                              n_threads=settings.n_threads, embedding=instance.mode is Mode.EMBED)
-        log.info("load start model=%s mode=%s path=%s", instance.file.id, instance.mode.value,
-                 instance.file.path)
+        """Make room, run the load outside every lock, then publish the outcome under ``cond``."""
         started = time.monotonic()
         rss_before = self._rss()
         llama, error = None, None
         try:
+            self._make_room(instance)
+            options = self._load_options(instance)
+            log.info("load start model=%s mode=%s path=%s n_ctx=%d estimate_mb=%.0f", instance.file.id,
+                     instance.mode.value, instance.file.path, options.n_ctx, instance.estimate / 2**20)
             llama = self._loader(instance.file, options)
         except ServiceError as exc:
             error = exc
@@ -313,17 +478,24 @@ class ModelManager:
         seconds = time.monotonic() - started
         with instance.cond:
             if error is None:
-                instance.llama, instance.error = llama, None
-                instance.cache = {}
-                instance.loads += 1
+                instance.llama, instance.error, instance.cache = llama, None, {}
                 instance.loaded_at, instance.load_seconds = self._wall(), seconds
                 instance.last_used = self._clock()
-                self._transition(instance, ModelState.LOADED,
-                                 f"seconds={seconds:.3f} rss_delta_mb={(self._rss() - rss_before) / 2**20:.1f}")
+                instance.progress = 1.0
+                self._transition(instance, ModelState.LOADED, seconds=round(seconds, 3),
+                                 rss_delta_mb=round((self._rss() - rss_before) / 2**20, 1))
             else:
                 instance.error = error
-                self._transition(instance, ModelState.FAILED, f"seconds={seconds:.3f} reason={error.message}")
+                self._transition(instance, ModelState.FAILED, reason=error.message, seconds=round(seconds, 3))
             instance.cond.notify_all()
+        with self._room:
+            self._room.notify_all()
+
+    def _on_progress(self, instance: Instance, fraction: float) -> None:
+        if fraction - instance.progress >= PROGRESS_STEP or (fraction >= 1.0 > instance.progress):
+            instance.progress = fraction
+            self.events.publish("loading", model=instance.file.id, mode=instance.mode.value,
+                                progress=round(fraction, 3))
 
     def _unload_instance(self, instance: Instance, reason: str, timeout: float) -> str:
         """Unload once no lease is held, waiting up to ``timeout`` s; returns the outcome."""
@@ -343,7 +515,7 @@ class ModelManager:
 
     def _begin_unload(self, instance: Instance, reason: str) -> Any:
         """Caller holds ``cond`` and has checked that no lease is held."""
-        self._transition(instance, ModelState.UNLOADING, f"reason={reason}")
+        self._transition(instance, ModelState.UNLOADING, reason=reason)
         llama, instance.llama = instance.llama, None
         instance.cache = {}
         return llama
@@ -363,9 +535,11 @@ class ModelManager:
         freed = (rss_before - self._rss()) / 2**20
         with instance.cond:
             instance.loaded_at = None
-            self._transition(instance, ModelState.UNLOADED,
-                             f"reason={reason} seconds={time.monotonic() - started:.3f} freed_rss_mb={freed:.1f}")
+            self._transition(instance, ModelState.UNLOADED, reason=reason,
+                             seconds=round(time.monotonic() - started, 3), freed_rss_mb=round(freed, 1))
             instance.cond.notify_all()
+        with self._room:
+            self._room.notify_all()
 
     def _forget_removed(self) -> None:
         with self._lock:
@@ -375,20 +549,34 @@ class ModelManager:
                     if instance.removed and idle:
                         del self._instances[key]
 
-    def _transition(self, instance: Instance, new: ModelState, detail: str = "") -> None:
-        """The one place a state changes. Caller holds ``instance.cond``."""
+    def _transition(self, instance: Instance, new: ModelState, **details: Any) -> None:
+        """The one place a state changes: checked, logged, published. Caller holds ``cond``."""
         old = instance.state
         if new not in _TRANSITIONS[old]:
             raise RuntimeError(f"invalid transition {old.value} -> {new.value} for {instance.label}")
         instance.state = new
-        log.info("model %s model=%s mode=%s %s", new.value, instance.file.id, instance.mode.value, detail)
+        log.info("model %s model=%s mode=%s %s", new.value, instance.file.id, instance.mode.value,
+                 " ".join(f"{k}={v}" for k, v in details.items()))
+        self.events.publish(new.value, model=instance.file.id, mode=instance.mode.value, **details)
 
-    # ---------------------------------------------------------------- policies
+    # --------------------------------------------------------------- operations
 
-    def load(self, name: str) -> str:
+    def load(self, name: str, keep_alive: float | None = None) -> str:
         """Load a model without using it (``/admin/load``); returns its id."""
-        with self.acquire(name) as lease:
+        with self.acquire(name, keep_alive=keep_alive) as lease:
             return lease.model_id
+
+    def preload(self, names: list[str]) -> threading.Thread:
+        """Load ``names`` one after another in a background thread; failures are logged."""
+        def run() -> None:
+            for name in names:
+                try:
+                    self.load(name)
+                except ServiceError as exc:
+                    log.error("preload failed model=%s reason=%s", name, exc.message)
+        thread = threading.Thread(target=run, name="preload", daemon=True)
+        thread.start()
+        return thread
 
     def unload(self, name: str, reason: str = "admin", timeout: float | None = None) -> UnloadReport:
         """Unload one model (both modes) or ``"all"``, waiting up to ``timeout`` s for leases."""
@@ -409,20 +597,22 @@ class ModelManager:
         return report
 
     def evict_idle(self) -> list[str]:
-        """Unload every instance idle past ``idle_timeout`` with no lease (the idle job)."""
-        idle_timeout = self._settings.idle_timeout
+        """Unload every unpinned instance idle past its idle timeout with no lease (the idle job)."""
         with self._lock:
             candidates = list(self._instances.values())
         evicted = []
         for instance in candidates:
+            timeout = self._idle_timeout(instance)
+            if timeout < 0 or self._pinned(instance):
+                continue
             with instance.cond:
                 # Decide under cond: a request may have taken a lease since the snapshot.
                 idle_for = self._clock() - instance.last_used
-                if not (instance.state is ModelState.LOADED and instance.leases == 0
-                        and idle_for >= idle_timeout):
+                if not (instance.state is ModelState.LOADED and instance.leases == 0 and idle_for >= timeout):
                     continue
-                llama = self._begin_unload(instance, "idle")
-            self._finish_unload(instance, llama, "idle")
+                reason = "keep_alive" if instance.keep_alive is not None else "idle"
+                llama = self._begin_unload(instance, reason)
+            self._finish_unload(instance, llama, reason)
             evicted.append(instance.label)
         return evicted
 
@@ -434,6 +624,8 @@ class ModelManager:
         for instance in instances:
             with instance.cond:
                 instance.cond.notify_all()  # wake requests waiting for a load
+        with self._room:
+            self._room.notify_all()
         deadline = time.monotonic() + timeout
         for instance in instances:
             if self._unload_instance(instance, "shutdown", max(0.0, deadline - time.monotonic())) == "busy":
@@ -444,21 +636,51 @@ class ModelManager:
 
     def models(self) -> list[dict[str, Any]]:
         """Every discovered model with its live state; never blocks on a load or generation."""
-        now = self._clock()
         with self._lock:
             files = list(self._files.values())
             instances = dict(self._instances)
+            settings = dict(self._models)
         views = []
         for file in files:
-            view: dict[str, Any] = {"id": file.id, "path": str(file.path), "size_bytes": file.size,
-                                    "created": file.created}
+            model = settings.get(file.id, NO_SETTINGS)
             generate = instances.get((file.id, Mode.GENERATE))
-            view.update(_instance_view(generate, now) if generate else _instance_view(None, now))
+            view: dict[str, Any] = {"id": file.id, "aliases": list(model.aliases), "path": str(file.path),
+                                    "size_bytes": file.size, "created": file.created, "pinned": model.pinned}
+            view.update(self._instance_view(generate, file))
             embed = instances.get((file.id, Mode.EMBED))
             if embed is not None:
-                view["embeddings"] = _instance_view(embed, now)
+                view["embeddings"] = self._instance_view(embed, file)
             views.append(view)
         return views
+
+    def _instance_view(self, instance: Instance | None, file: ModelFile) -> dict[str, Any]:
+        if instance is None:
+            instance = Instance(file, Mode.GENERATE)
+            instance.estimate = self._estimate(instance)
+        now, wall = self._clock(), self._wall()
+        timeout, pinned = self._idle_timeout(instance), self._pinned(instance)
+        estimate = instance.estimate or self._estimate(instance)
+        with instance.cond:
+            loaded = instance.state is ModelState.LOADED
+            idle = loaded and not instance.leases
+            last_used = wall - (now - instance.last_used) if instance.last_used else None
+            expires = last_used + timeout if idle and last_used and timeout >= 0 and not pinned else None
+            view = {
+                "state": instance.state.value,
+                "in_flight": instance.leases,
+                "queued": max(0, instance.leases - instance.generating),
+                "idle_seconds": round(now - instance.last_used, 3) if idle else None,
+                "estimated_memory_bytes": estimate,
+                "loaded_at": instance.loaded_at,
+                "last_used": round(last_used, 3) if last_used else None,
+                "expires_at": round(expires, 3) if expires else None,
+                "idle_timeout": timeout,
+                "load_seconds": instance.load_seconds,
+                "error": instance.error.message if instance.error else None,
+            }
+            if instance.state is ModelState.LOADING:
+                view["progress"] = round(instance.progress, 3)
+            return view
 
     def loaded_models(self) -> list[str]:
         """Ids of models with an instance loaded."""
@@ -470,20 +692,12 @@ class ModelManager:
         return self._process.memory_info().rss
 
 
-def _instance_view(instance: Instance | None, now: float) -> dict[str, Any]:
-    if instance is None:
-        return {"state": ModelState.UNLOADED.value, "in_flight": 0, "idle_seconds": None,
-                "loaded_at": None, "load_seconds": None, "error": None}
-    with instance.cond:
-        loaded = instance.state is ModelState.LOADED
-        return {
-            "state": instance.state.value,
-            "in_flight": instance.leases,
-            "idle_seconds": round(now - instance.last_used, 3) if loaded and not instance.leases else None,
-            "loaded_at": instance.loaded_at,
-            "load_seconds": instance.load_seconds,
-            "error": instance.error.message if instance.error else None,
-        }
+def _alias_map(models: dict[str, ModelSettings]) -> dict[str, str]:
+    return {alias: model_id for model_id, model in models.items() for alias in model.aliases}
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
 
 
 def _failure(instance: Instance) -> ServiceError:

@@ -8,9 +8,10 @@ refused by name so a client never silently gets less than it asked for.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, TypeVar
+import re
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from errors import InvalidRequest
 
@@ -38,10 +39,36 @@ class ResponseFormat(_Body):
     schema_: dict[str, Any] | None = Field(None, alias="schema")  # llama-server's shorthand
 
 
+def parse_duration(value: Any) -> float | None:
+    """``keep_alive``: seconds as a number, or ``"90s"``, ``"10m"``, ``"2h"``, ``"1h30m"``; negative: forever."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError("keep_alive must be a number of seconds or a duration such as '10m'")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        sign = -1.0 if text.startswith("-") else 1.0
+        parts = _DURATION.fullmatch(text.lstrip("-"))
+        if text.lstrip("-") and parts:
+            seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION_PART.findall(text.lstrip("-")))
+            return sign * seconds
+    raise ValueError("keep_alive must be a number of seconds or a duration such as '30s', '10m', '2h'")
+
+
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "": 1}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|)")
+_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d|))+")
+
+KeepAlive = Annotated[float | None, BeforeValidator(parse_duration)]
+
+
 class _Generation(_Body):
     """Fields shared by chat and text completions."""
 
     model: str | None = None
+    keep_alive: KeepAlive = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.8, ge=0, le=10)
     top_p: float = Field(0.95, ge=0, le=1)
@@ -167,6 +194,7 @@ class CompletionRequest(_Generation):
 
 class EmbeddingRequest(_Body):
     model: str | None = None
+    keep_alive: KeepAlive = None
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
@@ -194,6 +222,7 @@ class ModelRequest(_Body):
 
     model: str = Field(min_length=1)
     timeout: float | None = Field(None, ge=0, le=3600)
+    keep_alive: KeepAlive = None
 
 
 class _FieldError(ValueError):

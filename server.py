@@ -39,15 +39,21 @@ QUIET_PATHS = ("/health", "/metrics")
 
 def create_app(settings: Settings, *, config_path: Path | None = None,
                overrides: dict[str, dict[str, Any]] | None = None, clock: Clock = time.monotonic,
-               loader: Loader = load_llama, start_scheduler: bool = True) -> Flask:
-    """Build the WSGI app around a fresh ``ModelManager``; nothing is loaded yet."""
+               loader: Loader = load_llama, background: bool = True) -> Flask:
+    """Build the WSGI app around a fresh ``ModelManager``; nothing is loaded yet.
+
+    With ``background`` the idle-eviction scheduler starts and the ``preload`` models
+    begin loading in a thread (the app answers meanwhile).
+    """
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_request_body
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    manager = ModelManager(settings.model_manager, clock=clock, loader=loader)
+    manager = ModelManager(settings.model_manager, settings.models, clock=clock, loader=loader)
     state = AppState(settings, manager, config_path, overrides or {})
-    if start_scheduler:
+    if background:
         state.scheduler = tasks.start_scheduler(manager, settings.model_manager.check_interval)
+        if settings.model_manager.preload:
+            manager.preload(settings.model_manager.preload)
     app.extensions[EXTENSION] = state
     CORS(app, origins=settings.server.cors_origins, supports_credentials=False)
     register_error_handlers(app)

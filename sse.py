@@ -13,6 +13,12 @@ from typing import Any
 DONE = b"data: [DONE]\n\n"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 MIMETYPE = "text/event-stream"
+LOADING_COMMENT_INTERVAL = 2.0  # seconds between ": loading" comments while a model loads
+
+
+def comment(text: str) -> bytes:
+    """An SSE comment line: ignored by clients, but it keeps the connection visibly alive."""
+    return b": " + text.replace("\n", " ").encode() + b"\n\n"
 
 
 def event(payload: dict[str, Any]) -> bytes:

@@ -124,23 +124,28 @@ def make_server(models_dir: Path) -> Iterator[Callable[..., LiveServer]]:
 
     def start(manager: dict[str, Any] | None = None, server: dict[str, Any] | None = None,
               clock: Callable[[], float] = time.monotonic, config_path: Path | None = None,
-              start_scheduler: bool = True) -> LiveServer:
+              background: bool = True) -> LiveServer:
         manager_settings = {"models_directory": models_dir, "n_ctx": 512, "n_gpu_layers": 0,
                             "n_threads": 1, **(manager or {})}
         settings = Settings(server=ServerSettings(port=0, threads=8, **(server or {})),
                             model_manager=ManagerSettings(**manager_settings))
         loader = CountingLoader()
         app = create_app(settings, config_path=config_path, loader=loader, clock=clock,
-                         start_scheduler=start_scheduler)
+                         background=background)
         wsgi = build_wsgi_server(app, settings.server)
         thread = threading.Thread(target=wsgi.run, name="waitress", daemon=True)
         thread.start()
 
         def stop() -> None:
             close_app(app, 2)
-            wsgi.close()
-            wsgi.task_dispatcher.shutdown(timeout=5)
+
+            def close_everything() -> None:  # runs in the loop's own thread, so select() never sees a closed fd
+                for channel in list(wsgi._map.values()):
+                    channel.close()
+
+            wsgi.trigger.pull_trigger(close_everything)
             thread.join(JOIN_TIMEOUT)
+            wsgi.task_dispatcher.shutdown(timeout=5)
 
         live = LiveServer(f"http://127.0.0.1:{wsgi.effective_port}", app, loader, clock, stop)
         started.append(live)

@@ -104,7 +104,7 @@ def test_idle_model_is_unloaded_after_timeout(make_server):
 
 def test_idle_time_counts_from_the_end_of_the_last_request(make_server):
     clock = FakeClock()
-    server = make_server({"idle_timeout": 60}, clock=clock, start_scheduler=False)
+    server = make_server({"idle_timeout": 60}, clock=clock, background=False)
     completion(server)
     clock.advance(59)
     completion(server)  # activity resets the idle clock
