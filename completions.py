@@ -232,6 +232,8 @@ def _events(job: Job) -> Iterator[bytes]:
             "model": job.lease.model_id}
     status = 200
     try:
+        if job.lease.busy():
+            yield sse.comment(f"queued for {job.lease.model_id}")  # headers now, not when our turn comes
         with job.lease.generating():
             for index, generation in enumerate(job.generations):
                 yield from _choice_events(job, base, index, generation)

@@ -148,6 +148,10 @@ class Lease:
         """This model's own settings (aliases, defaults, template override...)."""
         return self._manager.model_settings(self.model_id)
 
+    def busy(self) -> bool:
+        """Whether another request is generating on this model right now (advisory)."""
+        return self._instance.generation_lock.locked()
+
     @contextmanager
     def generating(self) -> Iterator[Any]:
         """Hold the instance's generation lock: one generation at a time per model."""

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gguf_factory import CHATML_TEMPLATE, write_llama_model  # noqa: E402
 
-from config import ManagerSettings, ServerSettings, Settings  # noqa: E402
+from config import Settings  # noqa: E402
 from llama_backend import LoadOptions, load_llama  # noqa: E402
 from server import build_wsgi_server, close_app, create_app  # noqa: E402
 
@@ -124,11 +124,11 @@ def make_server(models_dir: Path) -> Iterator[Callable[..., LiveServer]]:
 
     def start(manager: dict[str, Any] | None = None, server: dict[str, Any] | None = None,
               clock: Callable[[], float] = time.monotonic, config_path: Path | None = None,
-              background: bool = True) -> LiveServer:
+              background: bool = True, models: dict[str, Any] | None = None) -> LiveServer:
         manager_settings = {"models_directory": models_dir, "n_ctx": 512, "n_gpu_layers": 0,
                             "n_threads": 1, **(manager or {})}
-        settings = Settings(server=ServerSettings(port=0, threads=8, **(server or {})),
-                            model_manager=ManagerSettings(**manager_settings))
+        settings = Settings.model_validate({"server": {"port": 0, "threads": 8, **(server or {})},
+                                            "model_manager": manager_settings, "models": models or {}})
         loader = CountingLoader()
         app = create_app(settings, config_path=config_path, loader=loader, clock=clock,
                          background=background)
