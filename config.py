@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -247,7 +248,9 @@ def _parse_env_value(key: str, raw: str) -> Any:
 
 
 def _is_text(annotation: Any) -> bool:
-    return annotation is str or get_origin(annotation) is Literal or str in get_args(annotation)
+    """str, Optional[str] or a Literal: values taken verbatim from the environment."""
+    origin = get_origin(annotation)
+    return annotation is str or origin is Literal or (origin in (Union, UnionType) and str in get_args(annotation))
 
 
 _STRING_KEYS = {key for model in (ServerSettings, ManagerSettings)

@@ -13,7 +13,7 @@ import sys
 sys.exit(0 if sys.version_info >= (3, 10) else 1)
 PY
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-stamp=.venv/.requirements-$(cat "${files[@]}" | sha256sum | cut -c1-16)
+stamp=.venv/.requirements-$(cat "${files[@]}" | "$python" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:16])')
 if [ ! -e "$stamp" ]; then
   echo "Installing ${files[*]} into .venv (the first llama-cpp-python build takes several minutes)..." >&2
   .venv/bin/python -m pip install --quiet --upgrade pip
