@@ -57,11 +57,13 @@ def get_model(model: str) -> Response:
 
 
 def _complete(kind: str, body: Any) -> Response:
-    manager = app_state().manager
+    state = app_state()
+    manager, observer = state.manager, state.metrics.observe_completion
     disconnected = request.environ.get("waitress.client_disconnected") or (lambda: False)
     if body.stream and not manager.is_loaded(body.model):
-        return completions.stream_after_load(manager, kind, body, disconnected, manager.resolve(body.model))
-    job = completions.prepare(manager, kind, body, disconnected)
+        return completions.stream_after_load(manager, kind, body, disconnected, manager.resolve(body.model),
+                                             observer)
+    job = completions.prepare(manager, kind, body, disconnected, observer)
     if body.stream:
         return completions.stream(job)
     return jsonify(completions.complete(job))

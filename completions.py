@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 Disconnected = Callable[[], bool]
 
 
+Observer = Callable[[str, int, int, "float | None", float], None]
+
+
 @dataclass
 class Job:
     """One prepared completion: everything decided before the first byte goes out."""
@@ -42,6 +45,7 @@ class Job:
     request: _Generation
     generations: list[Generation]
     parse_tools: bool = False
+    observer: Observer | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.monotonic)
@@ -56,8 +60,13 @@ class Job:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def prepare(manager: ModelManager, kind: str, request: _Generation, disconnected: Disconnected) -> Job:
-    """Lease the model and build the generations; releases the lease on any error."""
+def prepare(manager: ModelManager, kind: str, request: _Generation, disconnected: Disconnected,
+            observer: Observer | None = None) -> Job:
+    """Lease the model and build the generations; releases the lease on any error.
+
+    ``observer(model, prompt_tokens, completion_tokens, first_token_seconds, seconds)`` is
+    told about the completion when it ends (metrics).
+    """
     lease = manager.acquire(request.model, keep_alive=request.keep_alive)
     try:
         llama = lease.llama
@@ -79,7 +88,7 @@ def prepare(manager: ModelManager, kind: str, request: _Generation, disconnected
             prompts = [p if isinstance(p, list) else _tokenize(llama, p, chat=False) for p in request.prompts()]
         pieces = lease.cache.setdefault("pieces", {})
         generations = [Generation(llama, tokens, params, pieces, disconnected) for tokens in prompts]
-        return Job(kind, lease, request, generations, parse_tools)
+        return Job(kind, lease, request, generations, parse_tools, observer)
     except BaseException:
         lease.release()
         raise
@@ -175,13 +184,13 @@ def stream(job: Job) -> Response:
 
 
 def stream_after_load(manager: ModelManager, kind: str, request: _Generation, disconnected: Disconnected,
-                      model_id: str) -> Response:
+                      model_id: str, observer: Observer | None = None) -> Response:
     """A stream for a model that is not loaded yet: headers now, ``: loading`` comments until it is.
 
     Clients that give up on a silent connection (30 s is common) survive a slow load.
     ``prepare`` runs in a helper thread; whoever finishes last releases its lease.
     """
-    pending = _PendingJob(lambda: prepare(manager, kind, request, disconnected))
+    pending = _PendingJob(lambda: prepare(manager, kind, request, disconnected, observer))
 
     def events() -> Iterator[bytes]:
         yield sse.comment(f"loading {model_id}")
@@ -289,3 +298,7 @@ def _log_done(job: Job, status: int, streamed: bool = False) -> None:
     log.info("completion model=%s kind=%s stream=%s status=%d prompt_tokens=%d completion_tokens=%d "
              "seconds=%.3f tokens_per_s=%.1f finish=%s", job.lease.model_id, job.kind, streamed, status,
              usage["prompt_tokens"], usage["completion_tokens"], seconds, rate, finish)
+    if job.observer is not None:
+        first = next((g.result.first_token_at for g in job.generations if g.result.first_token_at), None)
+        job.observer(job.lease.model_id, usage["prompt_tokens"], usage["completion_tokens"],
+                     first - job.started if first is not None else None, seconds)

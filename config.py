@@ -36,6 +36,9 @@ class ServerSettings(_Section):
     threads: int = Field(16, ge=2, le=1024)
     max_request_body: int = Field(4 * 1024 * 1024, ge=1024)
     connection_limit: int = Field(100, ge=1)
+    api_keys: list[str] = []  # guard /v1 (an admin key works there too)
+    admin_api_keys: list[str] = []  # guard /admin and /metrics (default: the api_keys)
+    health_requires_key: bool = False
 
 
 class ManagerSettings(_Section):
@@ -233,7 +236,7 @@ def _from_environ(environ: dict[str, str] | os._Environ[str]) -> dict[str, dict[
 
 
 def _parse_env_value(key: str, raw: str) -> Any:
-    if key == "cors_origins":
+    if key in ("cors_origins", "api_keys", "admin_api_keys"):
         return [origin.strip() for origin in raw.split(",") if origin.strip()]
     if key == "models_directory":
         return str(Path(raw).expanduser().resolve())

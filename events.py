@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 HISTORY = 100
@@ -26,12 +27,20 @@ class EventBus:
         self._subscribers: set[queue.Queue[dict[str, Any]]] = set()
         self._history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self._ids = itertools.count(1)
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    def add_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``listener(event)`` synchronously on every publish; it must be quick and not block."""
+        with self._lock:
+            self._listeners.append(listener)
 
     def publish(self, kind: str, **fields: Any) -> dict[str, Any]:
         """Send one event (``kind`` plus fields) to every subscriber; returns it."""
         with self._lock:
             event = {"id": next(self._ids), "event": kind, "time": round(time.time(), 3), **fields}
             self._history.append(event)
+            for listener in self._listeners:
+                listener(event)
             for subscriber in self._subscribers:
                 if subscriber.full():
                     subscriber.get_nowait()  # drop the oldest for a reader that fell behind

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import random
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -53,6 +54,7 @@ class Result:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
+    first_token_at: float | None = None  # time.monotonic() when the first token was sampled
 
 
 class Generation:
@@ -89,6 +91,8 @@ class Generation:
                     result.finish_reason = "stop"
                     break
                 result.completion_tokens += 1
+                if result.first_token_at is None:
+                    result.first_token_at = time.monotonic()
                 text, stopped = stops.feed(decoder.decode(token_piece(llama, token, self.pieces)))
                 if text:
                     yield text

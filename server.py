@@ -26,9 +26,11 @@ from flask_cors import CORS
 import admin
 import api
 import tasks
+from auth import install_auth
 from config import CONFIG_ENV, ConfigError, ServerSettings, Settings, load_settings
 from errors import register_error_handlers
 from llama_backend import load_llama
+from metrics import Metrics
 from model_manager import Clock, Loader, ModelManager
 from state import EXTENSION, AppState
 
@@ -49,7 +51,7 @@ def create_app(settings: Settings, *, config_path: Path | None = None,
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_request_body
     app.json.sort_keys = False  # type: ignore[attr-defined]
     manager = ModelManager(settings.model_manager, settings.models, clock=clock, loader=loader)
-    state = AppState(settings, manager, config_path, overrides or {})
+    state = AppState(settings, manager, config_path, overrides or {}, metrics=Metrics(manager))
     if background:
         state.scheduler = tasks.start_scheduler(manager, settings.model_manager.check_interval)
         if settings.model_manager.preload:
@@ -57,6 +59,8 @@ def create_app(settings: Settings, *, config_path: Path | None = None,
     app.extensions[EXTENSION] = state
     CORS(app, origins=settings.server.cors_origins, supports_credentials=False)
     register_error_handlers(app)
+    install_auth(app, settings.server)
+    state.metrics.install(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(admin.bp)
     _install_request_log(app)
@@ -150,8 +154,8 @@ def serve(app: Flask, settings: Settings) -> int:
               f"{exc.strerror}", file=sys.stderr)
         close_app(app, 0)
         return 1
-    if server_settings.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s: anyone who can reach this address can use the models",
+    if server_settings.host not in ("127.0.0.1", "localhost", "::1") and not server_settings.api_keys:
+        log.warning("listening on %s without api_keys: anyone who can reach this address can use the models",
                     server_settings.host)
     stopping = threading.Event()
 

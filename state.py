@@ -23,6 +23,7 @@ class AppState:
     manager: ModelManager
     config_path: Path | None
     overrides: dict[str, dict[str, Any]]
+    metrics: Any = None
     scheduler: Any = None
     started: float = field(default_factory=time.monotonic)
 
