@@ -72,6 +72,13 @@ def prepare(manager: ModelManager, kind: str, request: _Generation, disconnected
         llama = lease.llama
         settings = lease.settings
         apply_defaults(request, settings.default)
+        limit = manager.settings.max_tokens_limit
+        if limit is not None:
+            asked = request.max_tokens if "max_tokens" in request.model_fields_set else None
+            if asked is not None and asked > limit:
+                raise InvalidRequest(f"max_tokens {asked} is above this server's limit of {limit}",
+                                     param="max_tokens")
+            request.max_tokens = min(request.max_tokens or limit, limit)
         params = _sampling(request)
         parse_tools = False
         if isinstance(request, ChatCompletionRequest):

@@ -57,6 +57,7 @@ class ManagerSettings(_Section):
     memory_budget: int | None = None  # bytes, or a size string such as "12GiB"
     load_wait_timeout: float = Field(60, ge=0)  # how long a load waits for room
     max_queue: int = Field(16, ge=1)  # requests waiting per model before 429
+    max_tokens_limit: int | None = Field(None, ge=1)  # refuse larger max_tokens with 400 (None: the context)
     preload: list[str] = []
 
     @field_validator("memory_budget", mode="before")
@@ -95,7 +96,6 @@ class ModelSettings(_Section):
     use_mlock: bool | None = None
     use_mmap: bool | None = None
     embedding: bool = False  # an embedding model: /v1/embeddings only
-    rpc_servers: str | None = None
     chat_template: str | None = None  # a Jinja template replacing the model's own
     load: dict[str, Any] = {}  # any other llama_cpp.Llama argument, checked by name and type
     default: SamplingDefaults = SamplingDefaults()
@@ -108,8 +108,8 @@ class ModelSettings(_Section):
 
     def load_arguments(self) -> dict[str, Any]:
         """The llama_cpp.Llama arguments this section sets (beyond the global ones)."""
-        named = {key: getattr(self, key) for key in ("n_batch", "flash_attn", "use_mlock", "use_mmap",
-                                                     "rpc_servers") if getattr(self, key) is not None}
+        keys = ("n_batch", "flash_attn", "use_mlock", "use_mmap")
+        named = {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
         return {**self.load, **named}
 
 

@@ -60,6 +60,7 @@ class CountingLoader:
         self.delay = 0.0
         self.fail_next: Exception | None = None
         self.token_delay = 0.0
+        self.fail_eval_after: int | None = None  # raise inside llama.cpp's eval after this many more calls
         self.evals = 0
         self._lock = threading.Lock()
 
@@ -78,6 +79,11 @@ class CountingLoader:
             self.evals += 1
             if self.token_delay:
                 time.sleep(self.token_delay)
+            if self.fail_eval_after is not None:
+                if self.fail_eval_after <= 0:
+                    self.fail_eval_after = None
+                    raise RuntimeError("llama_decode returned -3 (on cue)")
+                self.fail_eval_after -= 1
             real_eval(tokens)
 
         llama.eval = eval_tokens  # the model stays real; only its pace changes
