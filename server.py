@@ -32,6 +32,7 @@ from errors import register_error_handlers
 from llama_backend import load_llama
 from metrics import Metrics
 from model_manager import Clock, Loader, ModelManager
+from openapi import install_openapi
 from state import EXTENSION, AppState
 
 log = logging.getLogger("llama_cpp_server")
@@ -61,6 +62,7 @@ def create_app(settings: Settings, *, config_path: Path | None = None,
     register_error_handlers(app)
     install_auth(app, settings.server)
     state.metrics.install(app)
+    install_openapi(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(admin.bp)
     _install_request_log(app)

@@ -123,37 +123,42 @@ class LiveServer:
             time.sleep(0.02)
 
 
+def start_live_server(models_dir: Path, manager: dict[str, Any] | None = None,
+                      server: dict[str, Any] | None = None, clock: Callable[[], float] = time.monotonic,
+                      config_path: Path | None = None, background: bool = True,
+                      models: dict[str, Any] | None = None) -> LiveServer:
+    """Start the app under waitress on a free loopback port; call ``_stop()`` when done."""
+    manager_settings = {"models_directory": models_dir, "n_ctx": 512, "n_gpu_layers": 0,
+                        "n_threads": 1, **(manager or {})}
+    settings = Settings.model_validate({"server": {"port": 0, "threads": 8, **(server or {})},
+                                        "model_manager": manager_settings, "models": models or {}})
+    loader = CountingLoader()
+    app = create_app(settings, config_path=config_path, loader=loader, clock=clock, background=background)
+    wsgi = build_wsgi_server(app, settings.server)
+    thread = threading.Thread(target=wsgi.run, name="waitress", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        close_app(app, 2)
+
+        def close_everything() -> None:  # runs in the loop's own thread, so select() never sees a closed fd
+            for channel in list(wsgi._map.values()):
+                channel.close()
+
+        wsgi.trigger.pull_trigger(close_everything)
+        thread.join(JOIN_TIMEOUT)
+        wsgi.task_dispatcher.shutdown(timeout=5)
+
+    return LiveServer(f"http://127.0.0.1:{wsgi.effective_port}", app, loader, clock, stop)
+
+
 @pytest.fixture
 def make_server(models_dir: Path) -> Iterator[Callable[..., LiveServer]]:
     """Start servers with chosen settings; every one is stopped at teardown."""
     started: list[LiveServer] = []
 
-    def start(manager: dict[str, Any] | None = None, server: dict[str, Any] | None = None,
-              clock: Callable[[], float] = time.monotonic, config_path: Path | None = None,
-              background: bool = True, models: dict[str, Any] | None = None) -> LiveServer:
-        manager_settings = {"models_directory": models_dir, "n_ctx": 512, "n_gpu_layers": 0,
-                            "n_threads": 1, **(manager or {})}
-        settings = Settings.model_validate({"server": {"port": 0, "threads": 8, **(server or {})},
-                                            "model_manager": manager_settings, "models": models or {}})
-        loader = CountingLoader()
-        app = create_app(settings, config_path=config_path, loader=loader, clock=clock,
-                         background=background)
-        wsgi = build_wsgi_server(app, settings.server)
-        thread = threading.Thread(target=wsgi.run, name="waitress", daemon=True)
-        thread.start()
-
-        def stop() -> None:
-            close_app(app, 2)
-
-            def close_everything() -> None:  # runs in the loop's own thread, so select() never sees a closed fd
-                for channel in list(wsgi._map.values()):
-                    channel.close()
-
-            wsgi.trigger.pull_trigger(close_everything)
-            thread.join(JOIN_TIMEOUT)
-            wsgi.task_dispatcher.shutdown(timeout=5)
-
-        live = LiveServer(f"http://127.0.0.1:{wsgi.effective_port}", app, loader, clock, stop)
+    def start(manager: dict[str, Any] | None = None, **kwargs: Any) -> LiveServer:
+        live = start_live_server(models_dir, manager, **kwargs)
         started.append(live)
         return live
 
