@@ -25,6 +25,7 @@ from flask_cors import CORS
 
 import admin
 import api
+import status_page
 import tasks
 from auth import install_auth
 from config import CONFIG_ENV, ConfigError, ServerSettings, Settings, load_settings
@@ -48,7 +49,7 @@ def create_app(settings: Settings, *, config_path: Path | None = None,
     With ``background`` the idle-eviction scheduler starts and the ``preload`` models
     begin loading in a thread (the app answers meanwhile).
     """
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # the status page serves its own files
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_request_body
     app.json.sort_keys = False  # type: ignore[attr-defined]
     manager = ModelManager(settings.model_manager, settings.models, clock=clock, loader=loader)
@@ -65,6 +66,7 @@ def create_app(settings: Settings, *, config_path: Path | None = None,
     install_openapi(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(status_page.bp)
     _install_request_log(app)
     if not manager.models():
         log.warning("no models found in %s: put .gguf files there (sub-folders are scanned too), "
