@@ -90,7 +90,6 @@ _TRANSITIONS: dict[ModelState, set[ModelState]] = {
     ModelState.LOADED: {ModelState.UNLOADING},
     ModelState.UNLOADING: {ModelState.UNLOADED},
 }
-_OCCUPYING = (ModelState.LOADING, ModelState.LOADED, ModelState.UNLOADING)
 
 
 @dataclass(eq=False)
@@ -115,6 +114,8 @@ class Instance:
     progress: float = 0.0
     keep_alive: float | None = None  # set by a request's keep_alive; beats the config
     removed: bool = False
+    admitted: bool = False  # a load that was given room (counts towards the limits while loading)
+    draining: bool = False  # a load waits for this one: new requests wait instead of leasing it
 
     @property
     def label(self) -> str:
@@ -322,6 +323,8 @@ class ModelManager:
         estimate = self._estimate(instance)  # reads settings: not under cond (lock order)
         awaited: int | None = None
         with instance.cond:
+            while instance.draining and not self._closing:
+                instance.cond.wait()  # it is about to be unloaded to make room for another model
             if instance.leases - instance.generating >= self._settings.max_queue:
                 raise QueueFull(f"{model_id} already has {self._settings.max_queue} requests waiting; retry shortly",
                                 param="model", headers={"Retry-After": "1"})
@@ -432,22 +435,35 @@ class ModelManager:
         if not limit and budget is None:
             return
         deadline = time.monotonic() + self._settings.load_wait_timeout
+        drained: list[Instance] = []
         with self._room:
-            while True:
-                with self._lock:
-                    others = [i for i in self._instances.values() if i is not instance and i.state in _OCCUPYING]
-                over_count = bool(limit) and len(others) + 1 > limit
-                over_memory = budget is not None and sum(i.estimate for i in others) + instance.estimate > budget
-                if not (over_count or over_memory):
-                    return
-                if self._evict_one(others, "capacity" if over_count else "memory"):
-                    continue
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    holders = ", ".join(f"{i.label} ({_gib(i.estimate)}, {i.leases} in flight)" for i in others)
-                    raise NoCapacity(f"No room to load {instance.file.id}: the loaded models are busy: {holders}",
-                                     param="model")
-                self._room.wait(min(remaining, 1.0))
+            try:
+                while True:
+                    with self._lock:
+                        # Loads not yet given room do not count: two of them waiting for each
+                        # other would otherwise both wait forever.
+                        others = [i for i in self._instances.values() if i is not instance and (
+                            i.state in (ModelState.LOADED, ModelState.UNLOADING) or i.admitted)]
+                    over_count = bool(limit) and len(others) + 1 > limit
+                    over_memory = budget is not None and sum(i.estimate for i in others) + instance.estimate > budget
+                    if not (over_count or over_memory):
+                        instance.admitted = True
+                        return
+                    reason = "capacity" if over_count else "memory"
+                    if self._evict_one(others, reason):
+                        continue
+                    self._drain_one(others, drained)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        holders = ", ".join(f"{i.label} ({_gib(i.estimate)}, {i.leases} in flight)" for i in others)
+                        raise NoCapacity(f"No room to load {instance.file.id}: the loaded models are busy: "
+                                         f"{holders}", param="model")
+                    self._room.wait(min(remaining, 1.0))
+            finally:
+                for victim in drained:
+                    with victim.cond:
+                        victim.draining = False
+                        victim.cond.notify_all()
 
     def _evict_one(self, candidates: list[Instance], reason: str) -> bool:
         """Unload the least recently used idle, unpinned candidate; False if none can go."""
@@ -461,6 +477,21 @@ class ModelManager:
             self._finish_unload(victim, llama, reason)
             return True
         return False
+
+    def _drain_one(self, candidates: list[Instance], drained: list[Instance]) -> None:
+        """Stop new leases on the least recently used busy model so its requests run out.
+
+        Without this, a model that always has a next request would never be free, and a
+        load waiting for room would starve until it timed out.
+        """
+        if any(v.draining and v.state is ModelState.LOADED for v in drained):
+            return
+        for victim in sorted(candidates, key=lambda i: i.last_used):
+            if victim.state is ModelState.LOADED and not victim.draining and not self._pinned(victim):
+                with victim.cond:
+                    victim.draining = True
+                drained.append(victim)
+                return
 
     # ------------------------------------------------------------ load / unload
 
@@ -559,6 +590,10 @@ class ModelManager:
         if new not in _TRANSITIONS[old]:
             raise RuntimeError(f"invalid transition {old.value} -> {new.value} for {instance.label}")
         instance.state = new
+        if new in (ModelState.UNLOADED, ModelState.FAILED):
+            instance.admitted = False
+        if new is ModelState.UNLOADING:
+            instance.draining = False
         log.info("model %s model=%s mode=%s %s", new.value, instance.file.id, instance.mode.value,
                  " ".join(f"{k}={v}" for k, v in details.items()))
         self.events.publish(new.value, model=instance.file.id, mode=instance.mode.value, **details)

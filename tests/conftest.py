@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import requests
+from waitress import wasyncore
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -29,6 +30,12 @@ from gguf_factory import CHATML_TEMPLATE, write_llama_model  # noqa: E402
 from config import Settings  # noqa: E402
 from llama_backend import LoadOptions, load_llama  # noqa: E402
 from server import build_wsgi_server, close_app, create_app  # noqa: E402
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak-seconds", type=float, default=45.0,
+                     help="how long tests/test_soak.py runs its clients (0 skips it)")
+
 
 STORIES = Path(os.environ.get("LLAMA_TEST_MODELS", ROOT.parent / "shared" / "models")) / "stories260K.gguf"
 JOIN_TIMEOUT = 30
@@ -135,17 +142,22 @@ def start_live_server(models_dir: Path, manager: dict[str, Any] | None = None,
     loader = CountingLoader()
     app = create_app(settings, config_path=config_path, loader=loader, clock=clock, background=background)
     wsgi = build_wsgi_server(app, settings.server)
-    thread = threading.Thread(target=wsgi.run, name="waitress", daemon=True)
+    stopping = threading.Event()
+
+    def serve() -> None:
+        # waitress's own run() loop cannot be stopped from outside without closing sockets
+        # under its select(); this loop stops itself and closes everything in its own thread.
+        while not stopping.is_set():
+            wasyncore.loop(timeout=0.05, map=wsgi._map, count=1)
+        for channel in list(wsgi._map.values()):
+            channel.close()
+
+    thread = threading.Thread(target=serve, name="waitress", daemon=True)
     thread.start()
 
     def stop() -> None:
         close_app(app, 2)
-
-        def close_everything() -> None:  # runs in the loop's own thread, so select() never sees a closed fd
-            for channel in list(wsgi._map.values()):
-                channel.close()
-
-        wsgi.trigger.pull_trigger(close_everything)
+        stopping.set()
         thread.join(JOIN_TIMEOUT)
         wsgi.task_dispatcher.shutdown(timeout=5)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
@@ -287,3 +288,38 @@ def test_rss_does_not_grow_over_ten_load_unload_cycles(make_server, models_dir):
         after_unload.append(process.memory_info().rss)
     growth = after_unload[-1] - after_unload[1]
     assert growth < 20 * 2**20, [r // 2**20 for r in after_unload]
+
+
+def test_concurrent_loads_beyond_the_limit_do_not_wait_for_each_other(make_server, three_models):
+    # Regression: loads still waiting for room counted against each other, so three at once
+    # under a limit of one all waited until load_wait_timeout.
+    server = make_server({"max_loaded_models": 1, "load_wait_timeout": 20})
+    server.loader.delay = 0.2
+    started = time.monotonic()
+    with ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(lambda m: completion(server, m), ["tiny", "tiny-chat", "third"]))
+    assert [r.status_code for r in replies] == [200, 200, 200]
+    assert time.monotonic() - started < 5
+
+
+def test_a_model_that_is_never_idle_still_yields_to_a_waiting_load(make_server):
+    # Regression: back-to-back requests kept a model leased forever, starving the other load.
+    server = make_server({"max_loaded_models": 1, "load_wait_timeout": 20})
+    completion(server, "tiny")
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            completion(server, "tiny", max_tokens=2)
+
+    hammers = [threading.Thread(target=hammer) for _ in range(3)]
+    for thread in hammers:
+        thread.start()
+    try:
+        started = time.monotonic()
+        assert completion(server, "tiny-chat").status_code == 200
+        assert time.monotonic() - started < 5
+    finally:
+        stop.set()
+        for thread in hammers:
+            thread.join(JOIN_TIMEOUT)

@@ -1,0 +1,164 @@
+"""Soak: 16 clients for a fixed time against three models with room for two, idle eviction
+every second, admin calls and deliberate hang-ups mixed in. Then the books must balance.
+
+Runs ``--soak-seconds`` (default 45) in CI; pass a larger value for a long run:
+``./test.sh tests/test_soak.py --soak-seconds 1800``.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import psutil
+import pytest
+import requests
+from conftest import JOIN_TIMEOUT, LiveServer
+from gguf_factory import write_llama_model
+from prometheus_client.parser import text_string_to_metric_families
+
+MODELS = ["tiny", "tiny-chat", "third"]
+CLIENTS = 16
+
+
+@dataclass
+class Tally:
+    """What the clients saw, shared between their threads."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    statuses: Counter = field(default_factory=Counter)
+    kinds: Counter = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)
+    disconnects: int = 0
+
+    def record(self, kind: str, status: int) -> None:
+        with self.lock:
+            self.kinds[kind] += 1
+            self.statuses[status] += 1
+
+    def fail(self, message: str) -> None:
+        with self.lock:
+            self.failures.append(message)
+
+
+def one_call(server: LiveServer, rng: random.Random, tally: Tally) -> None:
+    roll = rng.random()
+    model = rng.choice(MODELS)
+    if roll < 0.03:
+        response = server.post("/admin/unload", {"model": rng.choice([*MODELS, "all"]), "timeout": 0.5})
+        tally.record("unload", response.status_code)
+    elif roll < 0.05:
+        tally.record("reload", server.post("/admin/reload").status_code)
+    elif roll < 0.07:
+        tally.record("load", server.post("/admin/load", {"model": model}).status_code)
+    elif roll < 0.12:
+        tally.record("health", server.get(rng.choice(["/health", "/metrics", "/v1/models"])).status_code)
+    elif roll < 0.25:
+        body = {"model": model, "input": [rng.choice(["Hello", "Once upon a time"])] * rng.randint(1, 3)}
+        response = server.post("/v1/embeddings", body)
+        tally.record("embeddings", response.status_code)
+        if response.status_code == 200 and len(response.json()["data"]) != len(body["input"]):
+            tally.fail("embeddings: wrong count")
+    else:
+        stream_call(server, rng, tally, model)
+
+
+def stream_call(server: LiveServer, rng: random.Random, tally: Tally, model: str) -> None:
+    chat = rng.random() < 0.5
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body = {"model": model, "max_tokens": rng.randint(1, 40), "temperature": rng.choice([0, 0.8])}
+    body.update({"messages": [{"role": "user", "content": "Hello"}]} if chat else {"prompt": "Once upon a time"})
+    if rng.random() < 0.5:
+        response = server.post(path, body)
+        tally.record("complete", response.status_code)
+        if response.status_code == 200 and not response.json()["choices"]:
+            tally.fail("completion without choices")
+        return
+    hang_up_after = rng.randint(1, 5) if rng.random() < 0.2 else None
+    with requests.post(server.url + path, json={**body, "stream": True}, stream=True, timeout=JOIN_TIMEOUT) as r:
+        tally.record("stream", r.status_code)
+        if r.status_code != 200:
+            return
+        events = 0
+        for line in r.iter_lines():
+            if not line.startswith(b"data: "):
+                continue
+            if line == b"data: [DONE]":
+                return
+            if b'"error"' in line:
+                tally.fail(f"error event: {line[:200]!r}")
+            events += 1
+            if hang_up_after is not None and events >= hang_up_after:
+                with tally.lock:
+                    tally.disconnects += 1
+                return  # leaving the with-block closes the connection mid-stream
+        tally.fail("stream ended without [DONE]")
+
+
+def client(server: LiveServer, seed: int, deadline: float, tally: Tally) -> None:
+    rng = random.Random(seed)
+    while time.monotonic() < deadline:
+        try:
+            one_call(server, rng, tally)
+        except requests.RequestException as exc:
+            tally.fail(f"connection error: {exc!r}")
+
+
+def metric_total(server: LiveServer, name: str) -> float:
+    text = server.get("/metrics").text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+def test_soak(make_server, models_dir, request):
+    seconds = request.config.getoption("--soak-seconds")
+    write_llama_model(models_dir / "third.gguf", seed=3)
+    server = make_server({"max_loaded_models": 2, "idle_timeout": 1, "check_interval": 0.3, "max_queue": 32},
+                         server={"threads": 24})
+    process = psutil.Process()
+    threads_before = {t.ident for t in threading.enumerate()}
+    server.post("/admin/unload", {"model": "all"})
+    rss_start = process.memory_info().rss
+    tally = Tally()
+    deadline = time.monotonic() + seconds
+    clients = [threading.Thread(target=client, args=(server, seed, deadline, tally)) for seed in range(CLIENTS)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(seconds + 120)
+        assert not thread.is_alive(), "a client hung"
+
+    server.wait_for(lambda: all(m["in_flight"] == 0 and m.get("embeddings", m)["in_flight"] == 0
+                                for m in server.get("/health").json()["models"]), timeout=30)
+    assert tally.failures == [], tally.failures[:10]
+    assert not [s for s in tally.statuses if s >= 500], tally.statuses
+    for view in server.get("/health").json()["models"]:
+        assert view["in_flight"] == 0 and view["queued"] == 0, view
+    loads = metric_total(server, "llama_server_model_loads_total")
+    assert loads == len(server.loader.loads), (loads, len(server.loader.loads))  # no double loads
+    for model in MODELS:
+        reply = server.post("/v1/completions", {"model": model, "prompt": "Hello", "max_tokens": 2})
+        assert reply.status_code == 200
+    server.post("/admin/unload", {"model": "all"})
+    rss_end = process.memory_info().rss
+    assert rss_end - rss_start < 64 * 2**20, (rss_start // 2**20, rss_end // 2**20)
+    time.sleep(0.5)  # helper threads of hung-up streams finish releasing
+    leftover = [t.name for t in threading.enumerate() if t.ident not in threads_before
+                and t.name.startswith(("prepare", "Thread-")) and t.is_alive()]
+    assert leftover == [], leftover
+    unloads: Counter = Counter()
+    for family in text_string_to_metric_families(server.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "llama_server_model_unloads_total":
+                unloads[sample.labels["reason"]] += int(sample.value)
+    print(f"\nsoak {seconds}s: {sum(tally.kinds.values())} requests {dict(tally.kinds)}, statuses "
+          f"{dict(tally.statuses)}, disconnects {tally.disconnects}, loads {int(loads)}, unloads {dict(unloads)}, "
+          f"rss start {rss_start / 2**20:.0f} MiB end {rss_end / 2**20:.0f} MiB")
+
+
+@pytest.fixture(autouse=True)
+def _soak_only_when_asked(request):
+    if request.config.getoption("--soak-seconds") <= 0:
+        pytest.skip("--soak-seconds 0 disables the soak test")
