@@ -14,19 +14,7 @@ import hmac
 from flask import Flask, request
 
 from config import ServerSettings
-from errors import ServiceError
-
-
-class Unauthorized(ServiceError):
-    status = 401
-    type = "invalid_request_error"
-    code = "invalid_api_key"
-
-
-class Forbidden(ServiceError):
-    status = 403
-    type = "invalid_request_error"
-    code = "insufficient_permissions"
+from errors import Forbidden, Unauthorized
 
 
 def install_auth(app: Flask, settings: ServerSettings) -> None:

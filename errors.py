@@ -48,6 +48,18 @@ class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
 
 
+class Unauthorized(ServiceError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(ServiceError):
+    status = 403
+    type = "invalid_request_error"
+    code = "insufficient_permissions"
+
+
 class ModelNotFound(ServiceError):
     status = 404
     type = "invalid_request_error"
