@@ -1,0 +1,166 @@
+"""``python -m bench``: parse the options, set up both sides, run the figures, report.
+
+Without ``--base-url`` it builds a temporary models folder (stories260K copied, the
+"mid" and "big" models generated), starts our server on it in a subprocess, and stops
+it with SIGTERM at the end. With ``--base-url`` it measures that server instead, on
+the one model it is told about, and skips the figures only our server can take part in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from bench.client import BenchError, Endpoint
+from bench.cpu import CpuMeter, cores_busy
+from bench.figures import FIGURES, NEEDS_OURS, Bench
+from bench.inprocess import LocalModels
+from bench.report import machine, print_table, write_json
+from bench.serverproc import ServerProcess
+from bench.stats import Row
+from bench.workspace import STORIES_ID, Model, Workspace, stories_path
+
+log = logging.getLogger("bench")
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SMOKE_RUNS, SMOKE_TOKENS = 2, 16
+BUSY_CORES = 0.3  # cores in use by others before the start above which the figures are suspect
+DESCRIPTION = "Benchmark llama-cpp-server (or --base-url) against llama-cpp-python in-process."
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=DESCRIPTION)
+    parser.add_argument("--runs", type=int, help="measured rounds per comparison, after one warm-up (default 5)")
+    parser.add_argument("--tokens", type=int, help="tokens per long stream (default 512)")
+    parser.add_argument("--base-url", help="measure this running OpenAI-compatible server instead of ours")
+    parser.add_argument("--model", default=STORIES_ID,
+                        help="with --base-url: the name that server knows stories260K (or --model-path) by")
+    parser.add_argument("--model-path", type=Path,
+                        help="with --base-url: the GGUF file that server serves, for the in-process side "
+                             "(default: stories260K.gguf)")
+    parser.add_argument("--only", type=_figure_names, help=f"comma-separated figures: {', '.join(FIGURES)}")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"a quick check that everything runs: {SMOKE_RUNS} runs, {SMOKE_TOKENS} tokens, "
+                             "stories260K only (copies stand in for the generated models)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON files go")
+    parser.add_argument("--profile-server", type=Path, metavar="OUT.prof",
+                        help="run our server with cProfile in every thread; stats written at exit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    args.runs = args.runs or (SMOKE_RUNS if args.smoke else 5)
+    args.tokens = args.tokens or (SMOKE_TOKENS if args.smoke else 512)
+    if args.runs < 1 or args.tokens < 1:
+        parser.error("--runs and --tokens must be at least 1")
+    if args.base_url and args.profile_server:
+        parser.error("--profile-server profiles our server; it cannot be combined with --base-url")
+    return args
+
+
+def _figure_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in FIGURES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown figure {', '.join(unknown) or '(none)'}; "
+                                         f"choose from {', '.join(FIGURES)}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected figures; 0 when every one ran (missed targets included), 1 otherwise."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.monotonic()
+    args.busy_before = cores_busy()
+    if args.busy_before is not None and args.busy_before >= BUSY_CORES:
+        log.warning("%.1f cores busy before starting: other processes use the CPU, figures will be noisy",
+                    args.busy_before)
+    local = LocalModels()
+    with ExitStack() as stack:
+        try:
+            bench = _remote_bench(args, local) if args.base_url else _our_bench(args, local, stack)
+        except (BenchError, OSError) as exc:
+            log.error("cannot set up the benchmark: %s", exc)
+            return 1
+        stack.callback(local.close)  # runs first: close the in-process models before their files go
+        rows, skipped, failed = run_figures(bench, args.only or list(FIGURES), args)
+    header = (f"llama-cpp-server bench: {args.base_url or 'our server.py'}; {_machine_line()}; "
+              f"runs={args.runs} tokens={args.tokens}{' (smoke)' if args.smoke else ''}; "
+              f"{time.monotonic() - started:.0f} s")
+    print_table(rows, skipped, header, sys.stdout)
+    return 1 if failed else 0
+
+
+def _our_bench(args: argparse.Namespace, local: LocalModels, stack: ExitStack) -> Bench:
+    workspace = stack.enter_context(Workspace(smoke=args.smoke))
+    server = ServerProcess(workspace.write_config(), workspace.root / "server.log", args.profile_server)
+    stack.callback(_stop, server)
+    endpoint = Endpoint(server.start())
+    return Bench(args.runs, args.tokens, args.smoke, endpoint, workspace.models, local, ours=True,
+                 server_pid=server.pid)
+
+
+def _stop(server: ServerProcess) -> None:
+    code = server.stop()
+    if code not in (0, None):
+        log.warning("the server exited with %s after SIGTERM; its log:\n%s", code, server.log_tail())
+
+
+def _remote_bench(args: argparse.Namespace, local: LocalModels) -> Bench:
+    path = args.model_path or stories_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (give the served model's file with --model-path)")
+    models = {"stories": Model("stories", args.model, path)}
+    return Bench(args.runs, args.tokens, args.smoke, Endpoint(args.base_url), models, local, ours=False)
+
+
+def run_figures(bench: Bench, names: list[str],
+                args: argparse.Namespace) -> tuple[list[Row], dict[str, str], list[str]]:
+    """Run each figure, writing its JSON; a figure that fails is logged and the others still run."""
+    context = _context(args)
+    rows: list[Row] = []
+    skipped: dict[str, str] = {}
+    failed: list[str] = []
+    for name in names:
+        if name in NEEDS_OURS and not bench.ours:
+            skipped[name] = "not run: needs our server (its admin API or several models), not --base-url"
+            write_json(args.results_dir, name, [], context, skipped=skipped[name])
+            continue
+        log.info("figure %s: running", name)
+        started = time.monotonic()
+        meter = CpuMeter([os.getpid()] + ([bench.server_pid] if bench.server_pid else []))
+        meter.start()
+        try:
+            figure_rows = FIGURES[name](bench)
+        except Exception as exc:
+            log.exception("figure %s failed", name)
+            skipped[name] = f"FAILED: {type(exc).__name__}: {exc}"
+            failed.append(name)
+            write_json(args.results_dir, name, [], context, skipped=skipped[name])  # no stale file left
+            continue
+        cpu = meter.stop()
+        for row in figure_rows:
+            row.cpu = cpu
+        log.info("figure %s: done in %.1f s; cores used by us %s, by other processes %s", name,
+                 time.monotonic() - started, *((cpu["ours"], cpu["others"]) if cpu else ("?", "?")))
+        write_json(args.results_dir, name, figure_rows, context)
+        rows += figure_rows
+    return rows, skipped, failed
+
+
+def _context(args: argparse.Namespace) -> dict[str, Any]:
+    return {"server": args.base_url or "ours", "machine": {**machine(), "cores_busy_before": args.busy_before},
+            "settings": {"runs": args.runs, "tokens": args.tokens, "smoke": args.smoke, "n_threads": 1,
+                         "n_ctx": 2048, "sampling": "greedy (temperature 0)"}}
+
+
+def _machine_line() -> str:
+    info = machine()
+    tree = f"{info['commit']}{' + changes' if info['dirty'] else ''}"
+    return f"{info['usable_cores']} cores ({info['cpu']}), llama-cpp-python {info['llama_cpp_python']}, tree {tree}"

@@ -1,0 +1,114 @@
+"""Our server under test, in a subprocess: ``python server.py --config <tmp config> --port <free port>``.
+
+It is stopped with SIGTERM (the server drains, unloads and exits 0); its log goes to a
+file in the workspace, whose tail is shown when it fails to start. The model settings
+are also pinned in its environment, so a stray ``.env`` cannot change the threads or
+the context behind the benchmark's back (the environment outranks the config file, and
+``.env`` never overrides a variable already set).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from bench.client import BenchError
+from bench.workspace import ROOT
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "LLAMA_SERVER_"
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """One run of server.py; ``profile`` runs it under ``bench.profile_server`` (every thread)."""
+
+    def __init__(self, config: Path, log_path: Path, profile: Path | None = None) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.profile = profile
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def command(self) -> list[str]:
+        server = [str(ROOT / "server.py"), "--config", str(self.config), "--port", str(self.port)]
+        if self.profile is not None:
+            return [sys.executable, "-m", "bench.profile_server", str(self.profile), *server]
+        return [sys.executable, *server]
+
+    def start(self) -> str:
+        """Start the server and wait until /health answers; returns its base URL."""
+        settings = json.loads(self.config.read_text(encoding="utf-8"))["model_manager"]
+        with self.log_path.open("wb") as log_file:
+            self._process = subprocess.Popen(self.command(), cwd=ROOT, env=_pinned_env(settings),
+                                             stdout=log_file, stderr=subprocess.STDOUT)
+        log.info("server started pid=%d url=%s log=%s", self._process.pid, self.base_url, self.log_path)
+        self._wait_ready()
+        return self.base_url
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        assert self._process is not None
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise BenchError(f"the server exited with {self._process.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(self.base_url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise BenchError(f"the server did not answer /health within {START_TIMEOUT:g} s:\n{self.log_tail()}")
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait for the drain; kill it if it hangs. Returns the exit status."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return None if process is None else process.returncode
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            log.error("the server did not stop within %g s after SIGTERM; killing it", STOP_TIMEOUT)
+            process.kill()
+            code = process.wait(STOP_TIMEOUT)
+        log.info("server stopped exit=%s", code)
+        return code
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no server log)"
+
+
+def _pinned_env(settings: dict[str, Any]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    for key, value in settings.items():
+        env[ENV_PREFIX + key.upper()] = value if isinstance(value, str) else json.dumps(value)
+    return env
