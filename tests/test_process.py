@@ -183,3 +183,27 @@ def test_environment_beats_dotenv(workdir):
     (workdir / ".env").write_text(f"LLAMA_SERVER_PORT={dotenv_port}\n", encoding="utf-8")
     with launch(workdir, env={"LLAMA_SERVER_PORT": str(env_port)}) as proc:
         assert proc.wait_healthy(env_port, dotenv_port) == env_port
+
+
+def test_sigterm_during_streams_lets_them_finish_then_exits_zero(workdir, tmp_path):
+    (tmp_path / "models").mkdir()
+    write_llama_model(tmp_path / "models" / "mid.gguf", n_embd=512, n_layer=6, n_ff=1536, seed=4)
+    port = free_port()
+    with launch(workdir, env={"LLAMA_SERVER_PORT": str(port), "LLAMA_SERVER_N_CTX": "1024"}) as proc:
+        proc.wait_healthy(port)
+        body = {"model": "mid", "prompt": "Hello", "max_tokens": 900, "ignore_eos": True, "stream": True,
+                "temperature": 0, "stream_options": {"include_usage": True}}
+        with requests.post(f"http://127.0.0.1:{port}/v1/completions", json=body, stream=True,
+                           timeout=TIMEOUT) as stream:
+            lines = stream.iter_lines()
+            assert next(line for line in lines if line.startswith(b"data: {"))
+            proc.popen.send_signal(signal.SIGTERM)
+            refused = requests.post(f"http://127.0.0.1:{port}/v1/completions",
+                                    json={"model": "mid", "prompt": "Hi", "max_tokens": 1}, timeout=TIMEOUT)
+            rest = [line for line in lines if line.startswith(b"data: ")]
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+        assert rest[-1] == b"data: [DONE]"
+        assert json.loads(rest[-2][len(b"data: "):])["usage"]["completion_tokens"] == 900
+        assert proc.wait() == 0
+    log = proc.stderr()
+    assert "shutdown requested" in log and "reason=shutdown" in log and "shutdown complete" in log
