@@ -62,7 +62,7 @@ def _complete(kind: str, body: Any) -> Response:
     disconnected = request.environ.get("waitress.client_disconnected") or (lambda: False)
     if body.stream and not manager.is_loaded(body.model):
         return completions.stream_after_load(manager, kind, body, disconnected, manager.resolve(body.model),
-                                             observer)
+                                             state.pool, observer)
     job = completions.prepare(manager, kind, body, disconnected, observer)
     if body.stream:
         return completions.stream(job)

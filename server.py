@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,8 @@ def create_app(settings: Settings, *, config_path: Path | None = None,
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_request_body
     app.json.sort_keys = False  # type: ignore[attr-defined]
     manager = ModelManager(settings.model_manager, settings.models, clock=clock, loader=loader)
-    state = AppState(settings, manager, config_path, overrides or {}, metrics=Metrics(manager))
+    state = AppState(settings, manager, config_path, overrides or {}, metrics=Metrics(manager),
+                     pool=ThreadPoolExecutor(settings.server.threads, thread_name_prefix="stream-load"))
     if background:
         state.scheduler = tasks.start_scheduler(manager, settings.model_manager.check_interval)
         if settings.model_manager.preload:
@@ -81,6 +83,7 @@ def close_app(app: Flask, timeout: float) -> None:
     if state.scheduler is not None:
         state.scheduler.shutdown(wait=False)
     state.manager.shutdown(timeout)
+    state.pool.shutdown(wait=False)
 
 
 def _install_request_log(app: Flask) -> None:

@@ -24,6 +24,7 @@ class AppState:
     config_path: Path | None
     overrides: dict[str, dict[str, Any]]
     metrics: Any = None
+    pool: Any = None  # runs the loads that streams wait for while they send ": loading" comments
     scheduler: Any = None
     started: float = field(default_factory=time.monotonic)
 

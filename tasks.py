@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from model_manager import ModelManager
@@ -15,7 +16,10 @@ IDLE_JOB_ID = "evict-idle-models"
 
 def start_scheduler(manager: ModelManager, check_interval: float) -> BackgroundScheduler:
     """Start a scheduler that runs ``manager.evict_idle`` every ``check_interval`` seconds."""
-    scheduler = BackgroundScheduler(daemon=True, job_defaults={"coalesce": True, "max_instances": 1})
+    # One named worker: the idle job never overlaps itself, and its thread is easy to spot.
+    executor = ThreadPoolExecutor(max_workers=1, pool_kwargs={"thread_name_prefix": "idle-job"})
+    scheduler = BackgroundScheduler(daemon=True, executors={"default": executor},
+                                    job_defaults={"coalesce": True, "max_instances": 1})
     scheduler.add_job(_evict_idle, "interval", seconds=check_interval, args=[manager], id=IDLE_JOB_ID)
     scheduler.start()
     return scheduler
