@@ -12,7 +12,10 @@ Concurrency model
   is never held while llama.cpp runs (load, close or decode).
 * ``ModelManager._room`` (a condition) serialises capacity decisions: a load that needs
   room picks and unloads idle victims, or waits for a lease to end, while holding it.
-  Releases and unloads notify it.
+  Releases and unloads notify it. Only loads already given room (``admitted``) count
+  towards the limits, so loads waiting for room never wait for each other. A model the
+  waiting load needs gone is ``draining``: new requests for it wait instead of leasing it,
+  so a model that is never idle cannot starve the load.
 * Lock order: ``_room``, then the registry lock, then an instance's ``cond``; a thread
   holding a later one never takes an earlier one.
 * ``Instance.generation_lock`` serialises generations on one ``Llama`` object, which is
