@@ -33,19 +33,15 @@ recently used first; if the others are busy the load waits up to ``load_wait_tim
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
-
-import psutil
 
 from config import ManagerSettings, ModelSettings
 from discovery import ModelFile, discover
@@ -61,6 +57,7 @@ from errors import (
 from events import EventBus
 from gguf_meta import estimate_bytes, model_shape
 from llama_backend import LoadOptions, load_llama
+from memory import MemoryProbe, trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +209,7 @@ class ModelManager:
         self._instances: dict[tuple[str, Mode], Instance] = {}
         self._closing = False
         self._last_scan = float("-inf")
-        self._process = psutil.Process()
+        self._memory = MemoryProbe()
         self.rediscover()
 
     # ----------------------------------------------------------------- settings
@@ -559,7 +556,7 @@ class ModelManager:
         return llama
 
     def _finish_unload(self, instance: Instance, llama: Any, reason: str) -> None:
-        rss_before = self._rss()
+        rss_before, vram_before = self._rss(), self._memory.vram()
         started = time.monotonic()
         try:
             close = getattr(llama, "close", None)
@@ -569,12 +566,15 @@ class ModelManager:
             log.exception("error while closing model=%s", instance.file.id)
         del llama
         gc.collect()
-        _trim_malloc()
-        freed = (rss_before - self._rss()) / 2**20
+        trim_heap()
+        freed: dict[str, float] = {"freed_rss_mb": round((rss_before - self._rss()) / 2**20, 1)}
+        vram_after = self._memory.vram()
+        if vram_before is not None and vram_after is not None:
+            freed["freed_vram_mb"] = round((vram_before - vram_after) / 2**20, 1)
         with instance.cond:
             instance.loaded_at = None
             self._transition(instance, ModelState.UNLOADED, reason=reason,
-                             seconds=round(time.monotonic() - started, 3), freed_rss_mb=round(freed, 1))
+                             seconds=round(time.monotonic() - started, 3), **freed)
             instance.cond.notify_all()
         with self._room:
             self._room.notify_all()
@@ -731,7 +731,7 @@ class ModelManager:
         return sorted({i.file.id for i in instances if i.state is ModelState.LOADED})
 
     def _rss(self) -> int:
-        return self._process.memory_info().rss
+        return self._memory.rss()
 
 
 def _alias_map(models: dict[str, ModelSettings]) -> dict[str, str]:
@@ -748,10 +748,3 @@ def _failure(instance: Instance) -> ServiceError:
     return type(error)(error.message, param=error.param, code=error.code)
 
 
-def _trim_malloc() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and RSS stays up)."""
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name:
-        return
-    with suppress(OSError, AttributeError):
-        ctypes.CDLL(libc_name).malloc_trim(0)
