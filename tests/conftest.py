@@ -60,14 +60,14 @@ def stories_path() -> Path:
 
 
 class CountingLoader:
-    """The real loader, counting loads, optionally slowed or failing on cue, with slow tokens."""
+    """The real loader, counting loads and decodes, optionally slowed or failing on cue."""
 
     def __init__(self) -> None:
         self.loads: list[str] = []
         self.delay = 0.0
         self.fail_next: Exception | None = None
         self.token_delay = 0.0
-        self.fail_eval_after: int | None = None  # raise inside llama.cpp's eval after this many more calls
+        self.fail_eval_after: int | None = None  # raise inside llama.cpp's decode after this many more calls
         self.evals = 0
         self._lock = threading.Lock()
 
@@ -80,9 +80,10 @@ class CountingLoader:
         if failure is not None:
             raise failure
         llama = load_llama(model, options)
-        real_eval = llama.eval
+        context = llama._ctx
+        real_decode = context.decode
 
-        def eval_tokens(tokens: Any) -> None:
+        def decode(batch: Any) -> None:
             self.evals += 1
             if self.token_delay:
                 time.sleep(self.token_delay)
@@ -91,9 +92,9 @@ class CountingLoader:
                     self.fail_eval_after = None
                     raise RuntimeError("llama_decode returned -3 (on cue)")
                 self.fail_eval_after -= 1
-            real_eval(tokens)
+            real_decode(batch)
 
-        llama.eval = eval_tokens  # the model stays real; only its pace changes
+        context.decode = decode  # every llama.cpp decode passes here; the model stays real
         return llama
 
 
