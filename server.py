@@ -29,13 +29,14 @@ import api
 import status_page
 import tasks
 from auth import install_auth
-from config import CONFIG_ENV, ConfigError, ServerSettings, Settings, load_settings
+from config import CONFIG_ENV, ConfigError, Settings, load_settings
 from errors import register_error_handlers
 from llama_backend import load_llama
 from metrics import Metrics
 from model_manager import Clock, Loader, ModelManager
 from openapi import install_openapi
 from state import EXTENSION, AppState
+from wsgi_server import build_wsgi_server
 
 log = logging.getLogger("llama_cpp_server")
 
@@ -136,19 +137,6 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     return serve(create_app(settings, config_path=config_path, overrides=overrides), settings)
-
-
-def build_wsgi_server(app: Flask, server_settings: ServerSettings) -> Any:
-    """A waitress server for ``app``, bound and listening (raises OSError if the port is taken)."""
-    from waitress.server import create_server
-
-    return create_server(
-        app, host=server_settings.host, port=server_settings.port, threads=server_settings.threads,
-        connection_limit=server_settings.connection_limit,
-        # Flask answers oversize bodies with a JSON 413; waitress only stops absurd ones.
-        max_request_body_size=server_settings.max_request_body * 2 + 65536,
-        # Lets waitress notice a client that hung up while its stream is generating.
-        channel_request_lookahead=1, ident="llama-cpp-server", clear_untrusted_proxy_headers=True)
 
 
 def serve(app: Flask, settings: Settings) -> int:

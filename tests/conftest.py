@@ -29,7 +29,8 @@ from gguf_factory import CHATML_TEMPLATE, write_llama_model  # noqa: E402
 
 from config import Settings  # noqa: E402
 from llama_backend import LoadOptions, load_llama  # noqa: E402
-from server import build_wsgi_server, close_app, create_app  # noqa: E402
+from server import close_app, create_app  # noqa: E402
+from wsgi_server import build_wsgi_server  # noqa: E402
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
