@@ -13,16 +13,17 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from bench.client import BenchError, Endpoint
 from bench.cpu import CpuMeter, cores_busy
-from bench.figures import FIGURES, NEEDS_OURS, Bench
-from bench.inprocess import LocalModels
+from bench.figures import FIGURES, NEEDS_OURS, Bench, SkipFigure
+from bench.inprocess import N_CTX, N_THREADS, LocalModels
 from bench.report import machine, print_table, write_json
-from bench.serverproc import ServerProcess
+from bench.serverproc import LlamaServerProcess, ServerProcess
 from bench.stats import Row
 from bench.workspace import STORIES_ID, Model, Workspace, stories_path
 
@@ -51,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON files go")
     parser.add_argument("--profile-server", type=Path, metavar="OUT.prof",
                         help="run our server with cProfile in every thread; stats written at exit")
+    parser.add_argument("--llama-server", type=Path, metavar="PATH",
+                        help="a llama-server binary built from the llama.cpp that llama-cpp-python vendors; "
+                             "enables the 'versus' figure")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     args.runs = args.runs or (SMOKE_RUNS if args.smoke else 5)
@@ -103,7 +107,25 @@ def _our_bench(args: argparse.Namespace, local: LocalModels, stack: ExitStack) -
     stack.callback(_stop, server)
     endpoint = Endpoint(server.start())
     return Bench(args.runs, args.tokens, args.smoke, endpoint, workspace.models, local, ours=True,
-                 server_pid=server.pid)
+                 server_pid=server.pid, llama_server=_llama_servers(args, workspace, stack))
+
+
+def _llama_servers(args: argparse.Namespace, workspace: Workspace,
+                   stack: ExitStack) -> Callable[[Model], Endpoint] | None:
+    """Start llama.cpp's C++ server on a model when a figure first asks for it (one process each)."""
+    if args.llama_server is None:
+        return None
+    started: dict[str, Endpoint] = {}
+
+    def endpoint(model: Model) -> Endpoint:
+        if model.role not in started:
+            log_path = workspace.root / f"llama-server-{model.role}.log"
+            process = LlamaServerProcess(args.llama_server, model.path, log_path, N_CTX, N_THREADS)
+            stack.callback(process.stop)
+            started[model.role] = Endpoint(process.start())
+        return started[model.role]
+
+    return endpoint
 
 
 def _stop(server: ServerProcess) -> None:
@@ -138,6 +160,10 @@ def run_figures(bench: Bench, names: list[str],
         meter.start()
         try:
             figure_rows = FIGURES[name](bench)
+        except SkipFigure as exc:
+            skipped[name] = f"not run: {exc}"
+            write_json(args.results_dir, name, [], context, skipped=skipped[name])
+            continue
         except Exception as exc:
             log.exception("figure %s failed", name)
             skipped[name] = f"FAILED: {type(exc).__name__}: {exc}"

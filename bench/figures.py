@@ -45,6 +45,7 @@ class Bench:
     local: LocalModels
     ours: bool  # our server, started here: the admin API and every role's model are there
     server_pid: int | None = None  # ours only: its CPU time is told apart from other processes'
+    llama_server: Callable[[Model], Endpoint] | None = None  # starts (once per model) llama.cpp's C++ server
 
     def rounds(self, cheap: bool = False) -> int:
         """Rounds per comparison; cheap ones (milliseconds each) take more for a steadier median."""
@@ -336,6 +337,33 @@ def _busy_health(bench: Bench, streaming: list[Model], loading: Model, at_least:
     return _latencies(latencies, probes_during_load=during_load, load_ms=load_ms[0])
 
 
+# ----------------------------------------------------------------------------- versus
+
+VERSUS_TARGETS = {"stories": 1.5, "mid": 1.0}
+
+
+def versus(bench: Bench) -> list[Row]:
+    """Tokens/s of the same SSE stream from our server and from llama.cpp's C++ llama-server."""
+    if bench.llama_server is None:
+        raise SkipFigure("needs --llama-server PATH (a llama-server built from the vendored llama.cpp)")
+    rows = []
+    for model in bench.roles("stories", "mid"):
+        other = bench.llama_server(model)
+        sides = {
+            "server": lambda _i, m=model: _stream_sample(server_stream(bench, m, PROMPT, bench.tokens)),
+            "llama-server": lambda _i, m=model, e=other: _stream_sample(
+                e.stream("/v1/completions", completion_body(m, PROMPT, bench.tokens))),
+        }
+        samples = run_rounds(f"versus {model.id}", sides, bench.rounds())
+        rows.append(compare("versus", model.id, "tokens/s", samples, "server", "llama-server", "tokens_per_s",
+                            Target("ratio>=", VERSUS_TARGETS[model.role])))
+    return rows
+
+
+class SkipFigure(Exception):
+    """A figure that cannot run with the given options; the reason goes into the table."""
+
+
 FIGURES: dict[str, Figure] = {
     "stream": stream,
     "ttft": ttft,
@@ -343,6 +371,7 @@ FIGURES: dict[str, Figure] = {
     "rps": rps,
     "parallel": parallel,
     "health": health,
+    "versus": versus,
 }
 # Figures that need our own server: its admin API, or several models served at once.
-NEEDS_OURS = frozenset({"cold", "parallel", "health"})
+NEEDS_OURS = frozenset({"cold", "parallel", "health", "versus"})

@@ -112,3 +112,25 @@ def _pinned_env(settings: dict[str, Any]) -> dict[str, str]:
     for key, value in settings.items():
         env[ENV_PREFIX + key.upper()] = value if isinstance(value, str) else json.dumps(value)
     return env
+
+
+class LlamaServerProcess(ServerProcess):
+    """llama.cpp's own C++ ``llama-server`` on one model file, with our threads and context."""
+
+    def __init__(self, binary: Path, model: Path, log_path: Path, n_ctx: int, n_threads: int) -> None:
+        super().__init__(config=model, log_path=log_path)
+        self.binary, self.model, self.n_ctx, self.n_threads = binary, model, n_ctx, n_threads
+
+    def command(self) -> list[str]:
+        return [str(self.binary), "-m", str(self.model), "--host", "127.0.0.1", "--port", str(self.port),
+                "-t", str(self.n_threads), "-tb", str(self.n_threads), "-c", str(self.n_ctx), "-ngl", "0",
+                "-np", "1", "--no-webui"]
+
+    def start(self) -> str:
+        """Start it and wait until /health answers; returns its base URL."""
+        with self.log_path.open("wb") as log_file:
+            self._process = subprocess.Popen(self.command(), stdout=log_file, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL)
+        log.info("llama-server started pid=%d url=%s model=%s", self._process.pid, self.base_url, self.model.name)
+        self._wait_ready()
+        return self.base_url
