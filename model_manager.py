@@ -502,6 +502,7 @@ class ModelManager:
         llama, error = None, None
         try:
             self._make_room(instance)
+            started, rss_before = time.monotonic(), self._rss()  # the load itself, not the evictions before it
             options = self._load_options(instance)
             log.info("load start model=%s mode=%s path=%s n_ctx=%d estimate_mb=%.0f", instance.file.id,
                      instance.mode.value, instance.file.path, options.n_ctx, instance.estimate / 2**20)
