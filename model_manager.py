@@ -466,7 +466,12 @@ class ModelManager:
                         victim.cond.notify_all()
 
     def _evict_one(self, candidates: list[Instance], reason: str) -> bool:
-        """Unload the least recently used idle, unpinned candidate; False if none can go."""
+        """Unload the least recently used idle, unpinned candidate; False if none can go.
+
+        Caller holds ``_room``. The close itself runs with ``_room`` released, so releases
+        of other models never wait behind it; the victim stays ``unloading`` meanwhile and
+        keeps counting against the limits until its memory is really gone.
+        """
         for victim in sorted(candidates, key=lambda i: i.last_used):
             if self._pinned(victim):
                 continue
@@ -474,7 +479,11 @@ class ModelManager:
                 if victim.state is not ModelState.LOADED or victim.leases:
                     continue  # decided under its lock: it may have been leased since the snapshot
                 llama = self._begin_unload(victim, reason)
-            self._finish_unload(victim, llama, reason)
+            self._room.release()
+            try:
+                self._finish_unload(victim, llama, reason)
+            finally:
+                self._room.acquire()
             return True
         return False
 
