@@ -268,6 +268,11 @@ class ModelManager:
         for instance in gone:
             self._unload_instance(instance, "reload", timeout=0)
         self._forget_removed()
+        if added:
+            # Read the new files' headers now, off the request path: the listings show their
+            # memory estimates, and a large vocabulary takes tens of milliseconds to skip.
+            threading.Thread(target=_read_shapes, args=([found[i] for i in added],), name="gguf-meta",
+                             daemon=True).start()
         return added, removed
 
     def resolve(self, name: str | None) -> str:
@@ -742,6 +747,11 @@ class ModelManager:
 
     def _rss(self) -> int:
         return self._memory.rss()
+
+
+def _read_shapes(files: list[ModelFile]) -> None:
+    for file in files:
+        model_shape(file.path, file.size, file.created)
 
 
 def _alias_map(models: dict[str, ModelSettings]) -> dict[str, str]:
