@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import requests
+from hypothesis import settings as hypothesis_settings
 from waitress import wasyncore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +32,12 @@ from config import Settings  # noqa: E402
 from llama_backend import LoadOptions, load_llama  # noqa: E402
 from server import close_app, create_app  # noqa: E402
 from wsgi_server import build_wsgi_server  # noqa: E402
+
+# CI explores the same examples every run, so a red build always reproduces; local runs
+# keep exploring new ones.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
