@@ -207,3 +207,14 @@ def test_sigterm_during_streams_lets_them_finish_then_exits_zero(workdir, tmp_pa
         assert proc.wait() == 0
     log = proc.stderr()
     assert "shutdown requested" in log and "reason=shutdown" in log and "shutdown complete" in log
+
+
+def test_binding_beyond_localhost_without_keys_warns(workdir):
+    port = free_port()
+    with launch(workdir, "--host", "127.0.0.2", env={"LLAMA_SERVER_PORT": str(port)}) as proc:
+        deadline = time.monotonic() + TIMEOUT
+        while "listening on http://127.0.0.2" not in proc.stderr() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.popen.send_signal(signal.SIGTERM)
+        assert proc.wait() == 0
+    assert "without api_keys: anyone who can reach this address can use the models" in proc.stderr()
