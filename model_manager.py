@@ -415,11 +415,28 @@ class ModelManager:
     def _pinned(self, instance: Instance) -> bool:
         return self.model_settings(instance.file.id).pinned
 
+    def _context_size(self, file: ModelFile) -> int:
+        """The model's own ``n_ctx`` if set; else the global one, capped at the trained length.
+
+        Beyond its trained length a model degrades (llama.cpp warns as much) and the KV cache
+        costs memory for nothing; going past it is a per-model decision (with rope scaling).
+        """
+        model = self.model_settings(file.id)
+        if model.n_ctx is not None:
+            return model.n_ctx
+        shape = model_shape(file.path, file.size, file.created)
+        trained = shape.n_ctx_train if shape is not None else 0
+        configured = self._settings.n_ctx
+        if trained and (configured == 0 or configured > trained):
+            return trained
+        return configured
+
     def _load_options(self, instance: Instance) -> LoadOptions:
+        n_ctx = self._context_size(instance.file)
         with self._lock:
             settings, model = self._settings, self._models.get(instance.file.id, NO_SETTINGS)
         return LoadOptions(
-            n_ctx=model.n_ctx if model.n_ctx is not None else settings.n_ctx,
+            n_ctx=n_ctx,
             n_gpu_layers=model.n_gpu_layers if model.n_gpu_layers is not None else settings.n_gpu_layers,
             n_threads=model.n_threads if model.n_threads is not None else settings.n_threads,
             embedding=instance.mode is Mode.EMBED, extra=model.load_arguments(),
@@ -427,9 +444,7 @@ class ModelManager:
 
     def _estimate(self, instance: Instance) -> int:
         file = instance.file
-        model = self.model_settings(file.id)
-        n_ctx = model.n_ctx if model.n_ctx is not None else self._settings.n_ctx
-        return estimate_bytes(file.size, model_shape(file.path, file.size, file.created), n_ctx)
+        return estimate_bytes(file.size, model_shape(file.path, file.size, file.created), self._context_size(file))
 
     def _make_room(self, instance: Instance) -> None:
         """Unload idle models (LRU) until ``instance`` fits the count and memory limits, or wait."""

@@ -323,3 +323,11 @@ def test_a_model_that_is_never_idle_still_yields_to_a_waiting_load(make_server):
         stop.set()
         for thread in hammers:
             thread.join(JOIN_TIMEOUT)
+
+
+def test_global_context_is_capped_at_the_trained_length_unless_the_model_says_otherwise(make_server):
+    server = make_server({"n_ctx": 4096}, models={"tiny-chat": {"n_ctx": 3072}})  # trained on 2048
+    for model, expected in (("tiny", 2048), ("tiny-chat", 3072)):
+        completion(server, model)
+        with server.manager.acquire(model) as lease:
+            assert lease.llama.n_ctx() == expected
