@@ -8,7 +8,6 @@ SIGTERM or SIGINT refuses new requests, lets running ones finish (bounded by
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import logging
 import os
@@ -156,7 +155,9 @@ def serve(app: Flask, settings: Settings) -> int:
 
     def _drain_then_stop() -> None:
         close_app(app, settings.model_manager.unload_timeout)
-        _thread.interrupt_main()  # runs _on_signal in the main thread, which stops the loop
+        # A real signal (unlike _thread.interrupt_main) also wakes the main thread from
+        # waitress's select(); _on_signal then stops the loop.
+        os.kill(os.getpid(), signal.SIGINT)
 
     def _on_signal(signum: int, _frame: Any) -> None:
         if stopping.is_set():
