@@ -73,10 +73,11 @@ def prepare(manager: ModelManager, kind: str, request: _Generation, disconnected
     try:
         llama = lease.llama
         settings = lease.settings
+        # Judged before the model's defaults fill in: only what the client sent can be refused.
+        asked = request.max_tokens if "max_tokens" in request.model_fields_set else None
         apply_defaults(request, settings.default)
         limit = manager.settings.max_tokens_limit
         if limit is not None:
-            asked = request.max_tokens if "max_tokens" in request.model_fields_set else None
             if asked is not None and asked > limit:
                 raise InvalidRequest(f"max_tokens {asked} is above this server's limit of {limit}",
                                      param="max_tokens")
@@ -206,6 +207,8 @@ def stream_after_load(manager: ModelManager, kind: str, request: _Generation, di
         while not pending.done.wait(sse.LOADING_COMMENT_INTERVAL):
             yield sse.comment(f"loading {model_id} {manager.loading_progress(model_id) * 100:.0f}%")
         if pending.error is not None:
+            if not isinstance(pending.error, ServiceError):
+                log.error("preparing a stream failed model=%s", model_id, exc_info=pending.error)
             error = pending.error if isinstance(pending.error, ServiceError) else ServiceError("Load failed")
             yield sse.event(error.body())
             yield sse.DONE

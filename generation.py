@@ -82,7 +82,6 @@ class Generation:
         vocab = llama._model.vocab
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = _StopMatcher(params.stop)
-        completed = False
         try:
             _eval_prompt(llama, self.prompt)
             while result.completion_tokens < self.max_tokens:
@@ -107,13 +106,15 @@ class Generation:
             tail = stops.flush()  # empty after a stop string: the match cleared it
             if tail:
                 yield tail
-            completed = True
+        except GeneratorExit:
+            raise  # stopped between tokens (a hang-up): the cache is consistent, keep it for reuse
+        except BaseException:
+            # A failed decode can leave the KV cache out of step with n_tokens; the next
+            # request must not reuse it ("failed to find a memory slot").
+            llama.reset()
+            raise
         finally:
             self.sampler.close()
-            if not completed:
-                # A failed decode can leave the KV cache out of step with n_tokens; the
-                # next request must not reuse it ("failed to find a memory slot").
-                llama.reset()
 
 
 def context_size(llama: llama_cpp.Llama) -> int:

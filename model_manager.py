@@ -383,12 +383,11 @@ class ModelManager:
         instance.cond.notify_all()
 
     def _release(self, instance: Instance) -> None:
-        configured, pinned = self._configured_idle_timeout(instance), self._pinned(instance)
+        timeout, pinned = self._idle_timeout(instance), self._pinned(instance)  # not under cond (lock order)
         with instance.cond:
             self._drop_lease(instance)
             idle = instance.leases == 0 and instance.state is ModelState.LOADED
-            timeout = instance.keep_alive if instance.keep_alive is not None else configured
-            reason = "reload" if instance.removed else "keep_alive" if instance.keep_alive == 0 else "idle"
+            reason = "reload" if instance.removed else _idle_reason(instance)
             unload_now = idle and (instance.removed or (timeout == 0 and not pinned))
         with self._room:
             self._room.notify_all()
@@ -406,9 +405,6 @@ class ModelManager:
         """
         if instance.keep_alive is not None:
             return instance.keep_alive
-        return self._configured_idle_timeout(instance)
-
-    def _configured_idle_timeout(self, instance: Instance) -> float:
         configured = self.model_settings(instance.file.id).idle_timeout
         return configured if configured is not None else self._settings.idle_timeout
 
@@ -682,7 +678,7 @@ class ModelManager:
                 idle_for = self._clock() - instance.last_used
                 if not (instance.state is ModelState.LOADED and instance.leases == 0 and idle_for >= timeout):
                     continue
-                reason = "keep_alive" if instance.keep_alive is not None else "idle"
+                reason = _idle_reason(instance)
                 llama = self._begin_unload(instance, reason)
             self._finish_unload(instance, llama, reason)
             evicted.append(instance.label)
@@ -762,6 +758,11 @@ class ModelManager:
 
     def _rss(self) -> int:
         return self._memory.rss()
+
+
+def _idle_reason(instance: Instance) -> str:
+    """Why an idle unload happens: a request's keep_alive set the timeout, or the config did."""
+    return "keep_alive" if instance.keep_alive is not None else "idle"
 
 
 def _read_shapes(files: list[ModelFile]) -> None:

@@ -116,3 +116,9 @@ def test_connections_beyond_the_limit_are_refused_clearly(make_server):
     finally:
         for session in held:
             session.close()
+
+
+def test_model_default_max_tokens_above_the_limit_is_capped_not_refused(make_server):
+    server = make_server({"max_tokens_limit": 8}, models={"tiny": {"default": {"max_tokens": 50}}})
+    reply = server.post("/v1/completions", {"model": "tiny", "prompt": "Hello", "ignore_eos": True})
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 8
