@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from errors import InvalidRequest, ModelBusy
 from schemas import ModelRequest, parse_body
 from state import app_state
 
+log = logging.getLogger(__name__)
 bp = Blueprint("admin", __name__)
 
 EVENTS_HEARTBEAT = 1.0  # seconds between checks for shutdown; a ": ping" comment each time
@@ -69,11 +71,15 @@ def admin_reload() -> Response:
     except ConfigError as exc:
         raise InvalidRequest(f"Config not reloaded: {exc}", code="invalid_config") from None
     old = state.settings
-    state.settings = settings
+    # The server section (bind, threads, CORS, keys) is wired into the running app: it stays.
+    pending = sorted(k for k in old.server.model_fields if getattr(old.server, k) != getattr(settings.server, k))
+    if pending:
+        log.warning("reload: server settings need a restart to change: %s", ", ".join(pending))
+    state.settings = settings.model_copy(update={"server": old.server})
     added, removed = state.manager.apply_settings(settings.model_manager, settings.models)
     if state.scheduler is not None and settings.model_manager.check_interval != old.model_manager.check_interval:
         tasks.reschedule(state.scheduler, settings.model_manager.check_interval)
-    return jsonify({"reloaded": True, "added": added, "removed": removed,
+    return jsonify({"reloaded": True, "added": added, "removed": removed, "restart_required": pending,
                     "models": [m["id"] for m in state.manager.models()]})
 
 

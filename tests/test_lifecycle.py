@@ -237,9 +237,13 @@ def test_reload_rejects_bad_config_and_keeps_the_old_one(make_server, models_dir
     unknown = server.post("/admin/reload")
     assert unknown.status_code == 400 and "idle_timeot" in unknown.json()["error"]["message"]
     assert completion(server).status_code == 200
-    config.write_text(json.dumps({"model_manager": {"models_directory": str(models_dir), "n_ctx": 256}}))
-    assert server.post("/admin/reload").status_code == 200
+    config.write_text(json.dumps({"model_manager": {"models_directory": str(models_dir), "n_ctx": 256},
+                                  "server": {"api_keys": ["new-key"]}}))
+    reloaded = server.post("/admin/reload")
+    assert reloaded.status_code == 200
     assert server.manager.settings.n_ctx == 256  # applies to the next load
+    assert "api_keys" in reloaded.json()["restart_required"]  # reported, not silently half-applied
+    assert completion(server).status_code == 200
 
 
 def test_unload_gives_memory_back(make_server, models_dir):
