@@ -72,7 +72,7 @@ def admin_reload() -> Response:
         raise InvalidRequest(f"Config not reloaded: {exc}", code="invalid_config") from None
     old = state.settings
     # The server section (bind, threads, CORS, keys) is wired into the running app: it stays.
-    pending = sorted(k for k in old.server.model_fields if getattr(old.server, k) != getattr(settings.server, k))
+    pending = sorted(k for k in type(old.server).model_fields if getattr(old.server, k) != getattr(settings.server, k))
     if pending:
         log.warning("reload: server settings need a restart to change: %s", ", ".join(pending))
     state.settings = settings.model_copy(update={"server": old.server})
