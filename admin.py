@@ -12,8 +12,9 @@ from flask import Blueprint, Response, jsonify, request
 
 import sse
 import tasks
+from auth import caller_is_admin
 from config import ConfigError, load_settings
-from errors import InvalidRequest, ModelBusy
+from errors import InvalidRequest, ModelBusy, TooManyStreams
 from schemas import ModelRequest, parse_body
 from state import app_state
 
@@ -27,8 +28,10 @@ EVENTS_HEARTBEAT = 1.0  # seconds between checks for shutdown; a ": ping" commen
 def health() -> Response:
     """Liveness plus every model's state; never waits behind a load or a generation."""
     state = app_state()
+    # /health is often public: without an admin key it does not reveal where the server keeps files.
+    models = state.manager.models(relative_paths=not caller_is_admin(state.settings.server))
     return jsonify({"status": "ok", "loaded_models": state.manager.loaded_models(),
-                    "uptime": round(time.monotonic() - state.started, 3), "models": state.manager.models()})
+                    "uptime": round(time.monotonic() - state.started, 3), "models": models})
 
 
 @bp.get("/admin/models")
@@ -67,15 +70,20 @@ def admin_reload() -> Response:
     state = app_state()
     try:
         # An app built from settings alone (no file) keeps them and only rescans.
-        settings = state.settings if state.config_path is None else load_settings(state.config_path, state.overrides)
+        # A config file that was read before must still be there: defaults would silently
+        # drop every pin, alias and key.
+        settings = state.settings if state.config_path is None else load_settings(
+            state.config_path, state.overrides, required=state.config_from_file)
     except ConfigError as exc:
-        raise InvalidRequest(f"Config not reloaded: {exc}", code="invalid_config") from None
+        raise InvalidRequest(f"Config not reloaded (the running one stays): {exc}",
+                             code="invalid_config") from None
     old = state.settings
     # The server section (bind, threads, CORS, keys) is wired into the running app: it stays.
     pending = sorted(k for k in type(old.server).model_fields if getattr(old.server, k) != getattr(settings.server, k))
     if pending:
         log.warning("reload: server settings need a restart to change: %s", ", ".join(pending))
     state.settings = settings.model_copy(update={"server": old.server})
+    state.config_from_file = state.config_path is not None and state.config_path.exists()
     added, removed = state.manager.apply_settings(settings.model_manager, settings.models)
     if state.scheduler is not None and settings.model_manager.check_interval != old.model_manager.check_interval:
         tasks.reschedule(state.scheduler, settings.model_manager.check_interval)
@@ -86,12 +94,22 @@ def admin_reload() -> Response:
 @bp.get("/admin/events")
 def admin_events() -> Response:
     """Lifecycle events as Server-Sent Events (``event: loaded`` ...), recent history first."""
-    manager = app_state().manager
+    state = app_state()
+    manager = state.manager
     bus = manager.events
-    subscriber = bus.subscribe()
-    backlog = bus.history() if request.args.get("history", "1") != "0" else []
+    with_history = request.args.get("history", "1") != "0"
+    # Each open stream holds a waitress worker for as long as it lasts; a bounded share keeps
+    # the rest free for requests, so many status-page tabs cannot starve /health.
+    if not state.event_streams.acquire(blocking=False):
+        raise TooManyStreams(f"At most {event_stream_limit(state.settings.server.threads)} event streams may be "
+                             "open at once; close one (a status page tab) or raise server.threads",
+                             headers={"Retry-After": "5"})
 
     def stream() -> Iterator[bytes]:
+        # Subscribe inside the generator: a response that is never iterated (HEAD, a client
+        # gone before the first byte) never runs a ``finally``, so it must never subscribe.
+        subscriber = bus.subscribe()
+        backlog = bus.history() if with_history else []
         try:
             seen = 0
             for event in backlog:
@@ -109,7 +127,14 @@ def admin_events() -> Response:
         finally:
             bus.unsubscribe(subscriber)
 
-    return Response(stream(), mimetype=sse.MIMETYPE, headers=sse.HEADERS)
+    response = Response(stream(), mimetype=sse.MIMETYPE, headers=sse.HEADERS)
+    response.call_on_close(state.event_streams.release)  # runs for HEAD and early hang-ups too
+    return response
+
+
+def event_stream_limit(threads: int) -> int:
+    """How many ``/admin/events`` streams may be open: a quarter of the worker threads, at least one."""
+    return max(1, threads // 4)
 
 
 def _event_bytes(event: dict[str, Any]) -> bytes:

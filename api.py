@@ -9,6 +9,7 @@ from flask import Blueprint, Response, jsonify, request
 import completions
 from embeddings import create_embeddings
 from errors import ModelNotFound
+from request_checks import judge
 from schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_body
 from state import app_state
 
@@ -59,11 +60,11 @@ def get_model(model: str) -> Response:
 def _complete(kind: str, body: Any) -> Response:
     state = app_state()
     manager, observer = state.manager, state.metrics.observe_completion
+    verdict = judge(manager, body)  # before any lease: a refused request loads nothing
     disconnected = request.environ.get("waitress.client_disconnected") or (lambda: False)
-    if body.stream and not manager.is_loaded(body.model):
-        return completions.stream_after_load(manager, kind, body, disconnected, manager.resolve(body.model),
-                                             state.pool, observer)
-    job = completions.prepare(manager, kind, body, disconnected, observer)
+    if body.stream and not manager.is_loaded(verdict.model_id):
+        return completions.stream_after_load(manager, kind, body, verdict, disconnected, state.pool, observer)
+    job = completions.prepare(manager, kind, body, verdict, disconnected, observer)
     if body.stream:
         return completions.stream(job)
     return jsonify(completions.complete(job))

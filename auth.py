@@ -41,6 +41,16 @@ def install_auth(app: Flask, settings: ServerSettings) -> None:
         raise Unauthorized("Invalid API key")
 
 
+def caller_is_admin(settings: ServerSettings) -> bool:
+    """Whether the current request may see what ``/admin`` shows: it presented an admin key,
+    or the admin endpoints need none (no keys configured at all)."""
+    admin_keys = [k.encode() for k in settings.admin_api_keys or settings.api_keys]
+    if not admin_keys:
+        return True
+    presented = _presented_key()
+    return presented is not None and _matches(presented, admin_keys)
+
+
 def _required(path: str, settings: ServerSettings, user_keys: list[bytes],
               admin_keys: list[bytes]) -> list[bytes] | None:
     if path.startswith("/admin") or path == "/metrics":

@@ -1,38 +1,49 @@
 """Chat and text completions: from a validated request to OpenAI-shaped responses.
 
-A request's life: lease the model (loading it if needed), build prompt tokens and the
-``Generation`` before any response byte is sent (so bad input still gets a 4xx), then
-either run it to the end under the model's generation lock, or return a stream whose
-iteration takes that lock. The lease is released when the response closes, which the
-WSGI server guarantees even when the client disconnects before the first chunk.
+A request's life: judged without its model (``request_checks.judge``), then lease the model
+(loading it if needed) and build prompt tokens and the ``Generation`` before any response
+byte is sent (so bad input still gets a 4xx), then either run it to the end under the
+model's generation lock, or return a stream whose iteration takes that lock. The lease is
+released when the response closes, which the WSGI server guarantees even when the client
+disconnects before the first chunk.
+
+Concurrency: the view's thread (or, for a stream that waits for a load, a ``pool`` thread)
+leases and prepares; generation runs on the thread iterating the response, holding the
+model's generation lock. A request waiting for that lock keeps looking for a hang-up
+(streams by writing ``: queued`` comments, others by polling waitress), so a client that
+left costs no prompt evaluation.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flask import Response
-from pydantic import BaseModel
 
 import sse
 from chat_format import ChatTemplate, extract_tool_calls
 from errors import InvalidRequest, ServiceError
-from generation import Generation, SamplingParams
+from generation import Generation
 from model_manager import Lease, ModelManager
+from request_checks import Verdict, check_token_ids
 from schemas import ChatCompletionRequest, CompletionRequest, _Generation
 
 log = logging.getLogger(__name__)
 
 Disconnected = Callable[[], bool]
 COALESCE_SECONDS = 0.002  # tokens closer together than this share one SSE event
+HANG_UP_POLL_SECONDS = 0.25  # how often a queued non-streamed request looks for a hang-up
+# A stream for a model that is not loaded waits this long before sending its headers: a load
+# that ends sooner (most do) still answers a failure with its proper status, and no client
+# gives up on a connection silent for so short a time. Longer loads get ": loading" comments.
+STREAM_HEADERS_DEADLINE = 5.0
 
 
 Observer = Callable[[str, int, int, "float | None", float], None]
@@ -48,6 +59,7 @@ class Job:
     generations: list[Generation]
     parse_tools: bool = False
     observer: Observer | None = None
+    disconnected: Disconnected = lambda: False
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.monotonic)
@@ -62,32 +74,24 @@ class Job:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def prepare(manager: ModelManager, kind: str, request: _Generation, disconnected: Disconnected,
-            observer: Observer | None = None) -> Job:
-    """Lease the model and build the generations; releases the lease on any error.
+def prepare(manager: ModelManager, kind: str, request: _Generation, verdict: Verdict,
+            disconnected: Disconnected, observer: Observer | None = None) -> Job:
+    """Lease the judged request's model (loading it if needed) and build the generations.
 
+    What needs the loaded model is judged here: the chat template, the prompt's tokens and
+    their length against the context. Releases the lease on any error.
     ``observer(model, prompt_tokens, completion_tokens, first_token_seconds, seconds)`` is
     told about the completion when it ends (metrics).
     """
-    lease = manager.acquire(request.model, keep_alive=request.keep_alive)
+    lease = manager.acquire(verdict.model_id, keep_alive=request.keep_alive)
     try:
         llama = lease.llama
-        settings = lease.settings
-        # Judged before the model's defaults fill in: only what the client sent can be refused.
-        asked = request.max_tokens if "max_tokens" in request.model_fields_set else None
-        apply_defaults(request, settings.default)
-        limit = manager.settings.max_tokens_limit
-        if limit is not None:
-            if asked is not None and asked > limit:
-                raise InvalidRequest(f"max_tokens {asked} is above this server's limit of {limit}",
-                                     param="max_tokens")
-            request.max_tokens = min(request.max_tokens or limit, limit)
-        params = _sampling(request)
+        params = replace(verdict.params, stop=list(verdict.params.stop))
         parse_tools = False
         if isinstance(request, ChatCompletionRequest):
             template = lease.cache.get("chat_template")
             if template is None:
-                template = lease.cache["chat_template"] = ChatTemplate(llama, settings.chat_template)
+                template = lease.cache["chat_template"] = ChatTemplate(llama, lease.settings.chat_template)
             prompt = template.render(request)
             params.stop = params.stop + prompt.stops
             params.grammar = prompt.grammar or params.grammar
@@ -96,47 +100,16 @@ def prepare(manager: ModelManager, kind: str, request: _Generation, disconnected
         else:
             assert isinstance(request, CompletionRequest)
             prompts = [p if isinstance(p, list) else _tokenize(llama, p, chat=False) for p in request.prompts()]
+            for tokens in prompts:  # the header may not have said; the loaded vocabulary does
+                check_token_ids(tokens, llama.n_vocab(), "prompt")
+        check_token_ids(params.logit_bias, llama.n_vocab(), "logit_bias")
         pieces = lease.cache.setdefault("pieces", {})
-        generations = [Generation(llama, tokens, params, pieces, disconnected) for tokens in prompts]
-        return Job(kind, lease, request, generations, parse_tools, observer)
+        prompt_param = "messages" if kind == "chat" else "prompt"
+        generations = [Generation(llama, tokens, params, pieces, disconnected, prompt_param) for tokens in prompts]
+        return Job(kind, lease, request, generations, parse_tools, observer, disconnected)
     except BaseException:
         lease.release()
         raise
-
-
-def apply_defaults(request: _Generation, defaults: BaseModel) -> None:
-    """Fill the fields the request left out with the model's configured defaults."""
-    for name in defaults.model_fields_set:
-        if name not in request.model_fields_set:
-            setattr(request, name, getattr(defaults, name))
-
-
-def _sampling(request: _Generation) -> SamplingParams:
-    grammar = request.grammar
-    fmt = request.response_format
-    if fmt is not None and fmt.type != "text":
-        grammar = _format_grammar(fmt)
-    return SamplingParams(
-        max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-        top_k=request.top_k, min_p=request.min_p, repeat_penalty=request.repeat_penalty,
-        presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
-        seed=request.seed, stop=request.stops, ignore_eos=request.ignore_eos, grammar=grammar,
-        logit_bias={int(k): v for k, v in (request.logit_bias or {}).items()},
-    )
-
-
-def _format_grammar(fmt: Any) -> str:
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-
-    schema = fmt.json_schema.schema_ if fmt.json_schema is not None else fmt.schema_
-    if fmt.type == "json_object" and not schema:
-        return JSON_GBNF
-    if not schema:
-        raise InvalidRequest("response_format json_schema needs a schema", param="response_format")
-    try:
-        return json_schema_to_gbnf(json.dumps(schema))
-    except Exception as exc:  # the converter raises assorted errors on schemas it cannot express
-        raise InvalidRequest(f"Unsupported JSON schema: {exc}", param="response_format") from None
 
 
 def _tokenize(llama: Any, text: str, *, chat: bool) -> list[int]:
@@ -156,8 +129,11 @@ def _tokenize(llama: Any, text: str, *, chat: bool) -> list[int]:
 def complete(job: Job) -> dict[str, Any]:
     """Run every generation of ``job`` to the end and build the response body."""
     try:
-        with job.lease.generating():
+        _wait_turn(job)
+        try:
             texts = ["".join(generation) for generation in job.generations]
+        finally:
+            job.lease.end_turn()
     finally:
         job.lease.release()
     choices = [_choice(job, i, text, g.result.finish_reason) for i, (text, g) in
@@ -165,6 +141,22 @@ def complete(job: Job) -> dict[str, Any]:
     _log_done(job, 200)
     return {"id": _response_id(job), "object": job.object_prefix, "created": job.created,
             "model": job.lease.model_id, "choices": choices, "usage": job.usage()}
+
+
+def _wait_turn(job: Job) -> None:
+    """Wait for the model's generation lock, giving up if the client hangs up meanwhile."""
+    while not job.lease.take_turn(HANG_UP_POLL_SECONDS):
+        if job.disconnected():
+            _log_done(job, ClientGone.status)
+            raise ClientGone("The client closed the connection while queued")
+
+
+class ClientGone(ServiceError):
+    """Nobody is left to answer; the status only shows in the log."""
+
+    status = 499
+    type = "client_closed_request"
+    code = "client_closed_request"
 
 
 def _choice(job: Job, index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
@@ -193,14 +185,24 @@ def stream(job: Job) -> Response:
     return response
 
 
-def stream_after_load(manager: ModelManager, kind: str, request: _Generation, disconnected: Disconnected,
-                      model_id: str, pool: Executor, observer: Observer | None = None) -> Response:
-    """A stream for a model that is not loaded yet: headers now, ``: loading`` comments until it is.
+def stream_after_load(manager: ModelManager, kind: str, request: _Generation, verdict: Verdict,
+                      disconnected: Disconnected, pool: Executor, observer: Observer | None = None) -> Response:
+    """A stream for a model that is not loaded yet.
 
-    Clients that give up on a silent connection (30 s is common) survive a slow load.
-    ``prepare`` runs on ``pool``; whoever finishes last releases its lease.
+    ``prepare`` (and so the load) runs on ``pool``. If it ends within
+    ``STREAM_HEADERS_DEADLINE`` the answer is as for a loaded model, a failure included
+    (raised here, so it gets its own status). Otherwise the headers go out now, with a
+    ``: loading`` comment every few seconds until the model is ready, so clients that give
+    up on a silent connection survive a slow load; a failure then travels in the stream.
+    Whoever finishes last releases the lease.
     """
-    pending = _PendingJob(lambda: prepare(manager, kind, request, disconnected, observer), pool)
+    model_id = verdict.model_id
+    pending = _PendingJob(lambda: prepare(manager, kind, request, verdict, disconnected, observer), pool)
+    if pending.done.wait(STREAM_HEADERS_DEADLINE):
+        if pending.error is not None:
+            raise pending.error
+        assert pending.job is not None
+        return stream(pending.job)
 
     def events() -> Iterator[bytes]:
         yield sse.comment(f"loading {model_id}")
@@ -252,11 +254,12 @@ def _events(job: Job) -> Iterator[bytes]:
             "model": job.lease.model_id}
     status = 200
     try:
-        if job.lease.busy():
-            yield sse.comment(f"queued for {job.lease.model_id}")  # headers now, not when our turn comes
-        with job.lease.generating():
+        yield from _queued_comments(job)
+        try:
             for index, generation in enumerate(job.generations):
                 yield from _choice_events(job, base, index, generation)
+        finally:
+            job.lease.end_turn()
         if job.request.stream_options is not None and job.request.stream_options.include_usage:
             yield sse.event({**base, "choices": [], "usage": job.usage()})
     except GeneratorExit:
@@ -272,6 +275,21 @@ def _events(job: Job) -> Iterator[bytes]:
     finally:
         _log_done(job, status, streamed=True)
     yield sse.DONE
+
+
+def _queued_comments(job: Job) -> Iterator[bytes]:
+    """Take the model's turn; while another generation holds it, send ``: queued`` at once
+    (the headers go out now, not when the turn comes) and every few seconds after.
+
+    Each comment is also a write that finds out a client that hung up: the stream is then
+    closed before any of its prompt is evaluated.
+    """
+    if job.lease.take_turn(0):
+        return
+    while True:
+        yield sse.comment(f"queued for {job.lease.model_id}")
+        if job.lease.take_turn(sse.LOADING_COMMENT_INTERVAL):
+            return
 
 
 def _choice_events(job: Job, base: dict[str, Any], index: int, generation: Generation) -> Iterator[bytes]:

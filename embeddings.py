@@ -12,6 +12,7 @@ import numpy as np
 
 from errors import ContextLengthExceeded, InvalidRequest
 from model_manager import Mode, ModelManager
+from request_checks import check_token_ids
 from schemas import EmbeddingRequest
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 def create_embeddings(manager: ModelManager, request: EmbeddingRequest) -> dict[str, Any]:
     """Embed every input with the model's embedding-mode instance."""
     started = time.monotonic()
+    _judge(manager, request)
     with manager.acquire(request.model, Mode.EMBED, keep_alive=request.keep_alive) as lease:
         llama = lease.llama
         texts = [_as_text(llama, item) for item in request.inputs()]
@@ -44,6 +46,18 @@ def create_embeddings(manager: ModelManager, request: EmbeddingRequest) -> dict[
              time.monotonic() - started)
     return {"object": "list", "data": data, "model": model_id,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def _judge(manager: ModelManager, request: EmbeddingRequest) -> None:
+    """Refuse, before the model is leased, what its GGUF header already rules out."""
+    header = manager.header(manager.resolve(request.model))
+    if header is None:
+        return
+    for item in request.inputs():
+        if isinstance(item, list):
+            check_token_ids(item, header.n_vocab, "input")
+    if request.dimensions is not None and header.n_embd and request.dimensions != header.n_embd:
+        raise InvalidRequest(f"this model's embeddings have {header.n_embd} dimensions", param="dimensions")
 
 
 def _as_text(llama: Any, item: str | list[int]) -> str:

@@ -94,6 +94,14 @@ class NoCapacity(ServiceError):
     code = "capacity_exhausted"
 
 
+class TooManyStreams(ServiceError):
+    """Every worker thread set aside for event streams is taken."""
+
+    status = 503
+    type = "server_error"
+    code = "too_many_event_streams"
+
+
 class LoadFailed(ServiceError):
     status = 500
     type = "server_error"

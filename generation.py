@@ -61,12 +61,13 @@ class Generation:
     """An iterator of text deltas for one completion; ``result`` holds counts and finish reason."""
 
     def __init__(self, llama: llama_cpp.Llama, prompt: list[int], params: SamplingParams,
-                 pieces: dict[int, bytes], should_stop: Callable[[], bool] = lambda: False) -> None:
+                 pieces: dict[int, bytes], should_stop: Callable[[], bool] = lambda: False,
+                 prompt_param: str = "messages") -> None:
         n_ctx = context_size(llama)
         if len(prompt) >= n_ctx:
             raise ContextLengthExceeded(
                 f"This model's context window is {n_ctx} tokens; the prompt has {len(prompt)} "
-                "tokens, leaving no room for a completion", param="messages")
+                "tokens, leaving no room for a completion", param=prompt_param)
         room = n_ctx - len(prompt)
         self.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         self.llama = llama
@@ -83,7 +84,8 @@ class Generation:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = _StopMatcher(params.stop)
         try:
-            _eval_prompt(llama, self.prompt)
+            if not _eval_prompt(llama, self.prompt, self.should_stop):
+                return  # the client hung up before or during the prompt: nobody to answer
             while result.completion_tokens < self.max_tokens:
                 token = self.sampler.sample(llama._ctx, -1)
                 if llama_cpp.llama_vocab_is_eog(vocab, token) and not params.ignore_eos:
@@ -122,8 +124,13 @@ def context_size(llama: llama_cpp.Llama) -> int:
     return min(llama.n_ctx(), len(llama.input_ids))
 
 
-def _eval_prompt(llama: llama_cpp.Llama, prompt: list[int]) -> None:
-    """Evaluate ``prompt``, reusing the longest prefix already in the KV cache."""
+def _eval_prompt(llama: llama_cpp.Llama, prompt: list[int], should_stop: Callable[[], bool]) -> bool:
+    """Evaluate ``prompt``, reusing the longest prefix already in the KV cache.
+
+    One batch at a time, asking ``should_stop`` before each, so a client that hung up stops
+    a long prompt within a batch; returns False then. What was evaluated stays cached and
+    consistent (``n_tokens`` moves with every batch) for the next request to reuse.
+    """
     cached = llama.n_tokens
     prefix = 0
     if cached:
@@ -138,7 +145,12 @@ def _eval_prompt(llama: llama_cpp.Llama, prompt: list[int]) -> None:
     else:
         llama.reset()
         prefix = 0
-    llama.eval(prompt[prefix:])
+    step = max(1, llama.n_batch)
+    for start in range(prefix, len(prompt), step):
+        if should_stop():
+            return False
+        llama.eval(prompt[start:start + step])
+    return True
 
 
 def _decode_next(llama: llama_cpp.Llama, token: int) -> None:

@@ -25,8 +25,15 @@ class GGUFError(ValueError):
     """The file is not a GGUF file this reader understands."""
 
 
+@dataclass(frozen=True)
+class ArrayLength:
+    """An array value, skipped: only its length is kept (the vocabulary's size, say)."""
+
+    length: int
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
-    """Scalar and string metadata of a GGUF file (arrays are skipped)."""
+    """Scalar and string metadata of a GGUF file (arrays as their ``ArrayLength``)."""
     with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
         if data[:4] != b"GGUF":
             raise GGUFError("not a GGUF file")
@@ -39,14 +46,10 @@ def read_metadata(path: Path) -> dict[str, Any]:
                 key, offset = _string(data, offset)
                 (kind,), offset = struct.unpack_from("<I", data, offset), offset + 4
                 value, offset = _value(data, offset, kind)
-                if value is not _SKIPPED:
-                    values[key] = value
+                values[key] = value
         except (struct.error, UnicodeDecodeError, KeyError) as exc:
             raise GGUFError(f"corrupt GGUF metadata: {exc}") from None
         return values
-
-
-_SKIPPED = object()
 
 
 def _string(data: Any, offset: int) -> tuple[str, int]:
@@ -67,7 +70,7 @@ def _value(data: Any, offset: int, kind: int) -> tuple[Any, int]:
                 offset += 8 + length
         else:
             offset += count * struct.calcsize(_SCALARS[item_kind])
-        return _SKIPPED, offset
+        return ArrayLength(count), offset
     fmt = _SCALARS[kind]
     return struct.unpack_from(fmt, data, offset)[0], offset + struct.calcsize(fmt)
 
@@ -81,6 +84,8 @@ class Shape:
     head_dim_k: int
     head_dim_v: int
     n_ctx_train: int
+    n_vocab: int = 0  # 0: the header does not say
+    n_embd: int = 0
 
 
 @lru_cache(maxsize=256)
@@ -101,7 +106,9 @@ def model_shape(path: Path, size: int, mtime: int) -> Shape | None:
     head_k = meta.get(f"{arch}.attention.key_length", embd // heads)
     head_v = meta.get(f"{arch}.attention.value_length", embd // heads)
     n_ctx_train = meta.get(f"{arch}.context_length", 0)
-    return Shape(layers, kv_heads, int(head_k), int(head_v), int(n_ctx_train or 0))
+    tokens = meta.get("tokenizer.ggml.tokens")
+    n_vocab = tokens.length if isinstance(tokens, ArrayLength) else 0
+    return Shape(layers, kv_heads, int(head_k), int(head_v), int(n_ctx_train or 0), n_vocab, embd)
 
 
 def estimate_bytes(size_on_disk: int, shape: Shape | None, n_ctx: int) -> int:

@@ -22,6 +22,8 @@ from model_manager import ModelManager
 
 PREFIX = "llama_server_"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# Any client can invent a method name; each would be a new series (unbounded cardinality).
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
 
 
@@ -84,7 +86,8 @@ class Metrics:
         def _count(response: Response) -> Response:
             endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
             started = g.get("metrics_started", time.monotonic())
-            self.requests.labels(endpoint, request.method, str(response.status_code)).inc()
+            method = request.method if request.method in KNOWN_METHODS else "other"
+            self.requests.labels(endpoint, method, str(response.status_code)).inc()
 
             def observe() -> None:
                 self.request_seconds.labels(endpoint).observe(time.monotonic() - started)

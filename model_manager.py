@@ -23,10 +23,15 @@ Concurrency model
   keeps its model loaded.
 * A lease is taken before a request waits for a load and released exactly once when its
   response closes; a model with a lease is never unloaded, by anyone.
+* Unloads that no request waits for (idle timeout 0, a file removed) run on the manager's
+  one ``unload`` thread, so a releasing response never waits for llama.cpp's free and
+  heap trim; they re-check leases under ``cond`` before acting.
 
 Policy (one place for it): idle timeout precedence is a request's ``keep_alive`` > the
-model's ``idle_timeout`` > the global one; ``0`` unloads when the last lease ends, a
-negative value never. Pinned models are never evicted by the idle job or for room.
+model's ``idle_timeout`` > the global one; ``0`` unloads when the last lease ends (a
+warm-up by ``/admin/load`` or ``preload`` waits for the next idle check), a negative
+value never. A request without ``keep_alive`` goes back to the configured timeout.
+Pinned models are never evicted by the idle job or for room.
 Capacity (``max_loaded_models``, ``memory_budget``) evicts idle, unpinned models, least
 recently used first; if the others are busy the load waits up to ``load_wait_timeout``.
 """
@@ -38,9 +43,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from config import ManagerSettings, ModelSettings
@@ -55,7 +62,7 @@ from errors import (
     ShuttingDown,
 )
 from events import EventBus
-from gguf_meta import estimate_bytes, model_shape
+from gguf_meta import Shape, estimate_bytes, model_shape
 from llama_backend import LoadOptions, load_llama
 from memory import MemoryProbe, trim_heap
 
@@ -149,30 +156,43 @@ class Lease:
         """This model's own settings (aliases, defaults, template override...)."""
         return self._manager.model_settings(self.model_id)
 
-    def busy(self) -> bool:
-        """Whether another request is generating on this model right now (advisory)."""
-        return self._instance.generation_lock.locked()
+    def take_turn(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s (-1: for ever) for the model's generation lock: one
+        generation at a time per model. True once it is held; then call ``end_turn``."""
+        instance = self._instance
+        if not instance.generation_lock.acquire(timeout=timeout):
+            return False
+        with instance.cond:
+            instance.generating += 1
+        return True
+
+    def end_turn(self) -> None:
+        """Give the generation lock back."""
+        instance = self._instance
+        with instance.cond:
+            instance.generating -= 1
+        instance.generation_lock.release()
 
     @contextmanager
     def generating(self) -> Iterator[Any]:
-        """Hold the instance's generation lock: one generation at a time per model."""
-        instance = self._instance
-        with instance.generation_lock:
-            with instance.cond:
-                instance.generating += 1
-            try:
-                yield instance.llama
-            finally:
-                with instance.cond:
-                    instance.generating -= 1
+        """Hold the generation lock for the block, waiting as long as it takes."""
+        self.take_turn(-1)
+        try:
+            yield self._instance.llama
+        finally:
+            self.end_turn()
 
-    def release(self) -> None:
-        """Give the lease back; later calls do nothing."""
+    def release(self, *, warm_up: bool = False) -> None:
+        """Give the lease back; later calls do nothing.
+
+        ``warm_up``: the lease only loaded the model (``/admin/load``, ``preload``), so an
+        idle timeout of 0 leaves it for the idle job instead of unloading it at once.
+        """
         with self._release_lock:
             if self._released:
                 return
             self._released = True
-        self._manager._release(self._instance)
+        self._manager._release(self._instance, warm_up=warm_up)
 
     def __enter__(self) -> Lease:
         return self
@@ -210,6 +230,7 @@ class ModelManager:
         self._closing = False
         self._last_scan = float("-inf")
         self._memory = MemoryProbe()
+        self._background = ThreadPoolExecutor(1, thread_name_prefix="unload")  # unloads no request waits for
         self.rediscover()
 
     # ----------------------------------------------------------------- settings
@@ -238,10 +259,14 @@ class ModelManager:
 
     # ----------------------------------------------------------------- discovery
 
-    def rediscover(self) -> tuple[list[str], list[str]]:
-        """Rescan the models folder; return (added ids, removed ids)."""
+    def rediscover(self, *, in_background: bool = False) -> tuple[list[str], list[str]]:
+        """Rescan the models folder; return (added ids, removed ids).
+
+        A loaded model whose file is gone is unloaded once idle; ``in_background`` does that
+        on the unload thread, for callers that must not wait (listings).
+        """
         directory = self._settings.models_directory
-        if not directory.is_dir():
+        if not directory.is_dir() and not in_background:
             log.warning("models folder %s does not exist; put .gguf files there and POST /admin/reload",
                         directory)
         found = discover(directory)
@@ -263,10 +288,13 @@ class ModelManager:
             log.info("model discovered model=%s path=%s", model_id, found[model_id].path)
         for model_id in removed:
             log.info("model removed model=%s reason=file_gone", model_id)
-        if unknown:
+        if unknown and (added or removed or not in_background):
             log.warning("config names models that are not in the models folder: %s", ", ".join(unknown))
         for instance in gone:
-            self._unload_instance(instance, "reload", timeout=0)
+            if in_background:
+                self._in_background(self._unload_when_idle, instance, "reload")
+            else:
+                self._unload_instance(instance, "reload", timeout=0)
         self._forget_removed()
         if added:
             # Read the new files' headers now, off the request path: the listings show their
@@ -295,7 +323,7 @@ class ModelManager:
                 available = list(self._files)
                 stale = time.monotonic() - self._last_scan > REDISCOVER_INTERVAL
             if attempt == 0 and stale:
-                self.rediscover()  # a file may have been dropped in since the last scan
+                self.rediscover(in_background=True)  # a file may have been dropped in since the last scan
             else:
                 break
         hint = f"; available: {', '.join(available[:5])}" if available else "; no models are installed"
@@ -317,13 +345,29 @@ class ModelManager:
 
     # ------------------------------------------------------------------- leases
 
+    def model_file(self, model_id: str) -> ModelFile:
+        """The discovered file of ``model_id`` (an id from ``resolve``)."""
+        with self._lock:
+            file = self._files.get(model_id)
+        if file is None:
+            raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
+        return file
+
+    def header(self, model_id: str) -> Shape | None:
+        """What the model's GGUF header says (vocabulary size, width...), without loading it."""
+        file = self.model_file(model_id)
+        return model_shape(file.path, file.size, file.created)
+
+    def check_mode(self, model_id: str, mode: Mode) -> None:
+        """Refuse text generation on a model configured for embeddings only."""
+        if mode is Mode.GENERATE and self.model_settings(model_id).embedding:
+            raise InvalidRequest(f"{model_id} is configured as an embedding model; use /v1/embeddings",
+                                 param="model", code="model_not_generative")
+
     def acquire(self, name: str | None, mode: Mode = Mode.GENERATE, keep_alive: float | None = None) -> Lease:
         """Lease the model, loading it first if needed (single-flight). Blocks during a load."""
         model_id = self.resolve(name)
-        settings = self.model_settings(model_id)
-        if settings.embedding and mode is Mode.GENERATE:
-            raise InvalidRequest(f"{model_id} is configured as an embedding model; use /v1/embeddings",
-                                 param="model", code="model_not_generative")
+        self.check_mode(model_id, mode)
         instance = self._instance(model_id, mode)
         estimate = self._estimate(instance)  # reads settings: not under cond (lock order)
         awaited: int | None = None
@@ -333,8 +377,9 @@ class ModelManager:
             if instance.leases - instance.generating >= self._settings.max_queue:
                 raise QueueFull(f"{model_id} already has {self._settings.max_queue} requests waiting; retry shortly",
                                 param="model", headers={"Retry-After": "1"})
-            if keep_alive is not None:
-                instance.keep_alive = keep_alive
+            # The latest request decides (Ollama's rule): one without keep_alive goes back to
+            # the configured timeout, so one client's keep_alive 0 cannot stick for everybody.
+            instance.keep_alive = keep_alive
             instance.leases += 1
             try:
                 while True:
@@ -382,19 +427,29 @@ class ModelManager:
         instance.last_used = self._clock()
         instance.cond.notify_all()
 
-    def _release(self, instance: Instance) -> None:
+    def _release(self, instance: Instance, *, warm_up: bool = False) -> None:
         timeout, pinned = self._idle_timeout(instance), self._pinned(instance)  # not under cond (lock order)
         with instance.cond:
             self._drop_lease(instance)
             idle = instance.leases == 0 and instance.state is ModelState.LOADED
             reason = "reload" if instance.removed else _idle_reason(instance)
-            unload_now = idle and (instance.removed or (timeout == 0 and not pinned))
+            unload_now = idle and (instance.removed or (timeout == 0 and not pinned and not warm_up))
         with self._room:
             self._room.notify_all()
         if unload_now:
-            # A file gone at a reload, or keep_alive 0: this was the last request.
-            self._unload_instance(instance, reason, timeout=0)
-            self._forget_removed()
+            # A file gone at a reload, or an idle timeout of 0: this was the last request.
+            # The releasing thread is the response's (its close hook, or the end of a
+            # non-streamed answer): closing a model there would hold the answer back.
+            self._in_background(self._unload_when_idle, instance, reason)
+
+    def _unload_when_idle(self, instance: Instance, reason: str) -> None:
+        # timeout=0: a request that leased the model since the decision keeps it loaded.
+        self._unload_instance(instance, reason, timeout=0)
+        self._forget_removed()
+
+    def _in_background(self, work: Callable[..., Any], *args: Any) -> None:
+        with suppress(RuntimeError):  # shut down: the shutdown itself unloads everything
+            self._background.submit(work, *args)
 
     # ------------------------------------------------------------------- policy
 
@@ -455,6 +510,8 @@ class ModelManager:
         with self._room:
             try:
                 while True:
+                    if self._closing:
+                        raise ShuttingDown("The server is shutting down")
                     with self._lock:
                         # Loads not yet given room do not count: two of them waiting for each
                         # other would otherwise both wait forever.
@@ -527,6 +584,8 @@ class ModelManager:
         llama, error = None, None
         try:
             self._make_room(instance)
+            if self._closing:  # room may have come from the shutdown's own unloads
+                raise ShuttingDown("The server is shutting down")
             started, rss_before = time.monotonic(), self._rss()  # the load itself, not the evictions before it
             options = self._load_options(instance)
             log.info("load start model=%s mode=%s path=%s n_ctx=%d estimate_mb=%.0f", instance.file.id,
@@ -579,6 +638,7 @@ class ModelManager:
         self._transition(instance, ModelState.UNLOADING, reason=reason)
         llama, instance.llama = instance.llama, None
         instance.cache = {}
+        instance.keep_alive = None  # a request's keep_alive never outlives the load it applied to
         return llama
 
     def _finish_unload(self, instance: Instance, llama: Any, reason: str) -> None:
@@ -630,9 +690,17 @@ class ModelManager:
     # --------------------------------------------------------------- operations
 
     def load(self, name: str, keep_alive: float | None = None) -> str:
-        """Load a model without using it (``/admin/load``); returns its id."""
-        with self.acquire(name, keep_alive=keep_alive) as lease:
-            return lease.model_id
+        """Load a model without using it (``/admin/load``, ``preload``); returns its id.
+
+        An embedding model loads in embedding mode, the one its requests use. A model whose
+        idle timeout is 0 stays loaded until the next idle check or the end of its next
+        request, so a warm-up is never undone before anyone could use it.
+        """
+        model_id = self.resolve(name)
+        mode = Mode.EMBED if self.model_settings(model_id).embedding else Mode.GENERATE
+        lease = self.acquire(model_id, mode, keep_alive=keep_alive)
+        lease.release(warm_up=True)
+        return model_id
 
     def preload(self, names: list[str]) -> threading.Thread:
         """Load ``names`` one after another in a background thread; failures are logged."""
@@ -684,9 +752,13 @@ class ModelManager:
             evicted.append(instance.label)
         return evicted
 
+    def begin_shutdown(self) -> None:
+        """Refuse new requests from now on (cheap: safe to call from a signal handler)."""
+        self._closing = True
+
     def shutdown(self, timeout: float) -> None:
         """Refuse new requests, give running ones ``timeout`` s, then unload everything."""
-        self._closing = True
+        self.begin_shutdown()
         with self._lock:
             instances = list(self._instances.values())
         for instance in instances:
@@ -694,6 +766,7 @@ class ModelManager:
                 instance.cond.notify_all()  # wake requests waiting for a load
         with self._room:
             self._room.notify_all()
+        self._background.shutdown(wait=True)  # an unload already running finishes first
         deadline = time.monotonic() + timeout
         for instance in instances:
             if self._unload_instance(instance, "shutdown", max(0.0, deadline - time.monotonic())) == "busy":
@@ -702,8 +775,24 @@ class ModelManager:
 
     # ------------------------------------------------------------------ views
 
-    def models(self) -> list[dict[str, Any]]:
-        """Every discovered model with its live state; never blocks on a load or generation."""
+    def _rescan_if_stale(self) -> None:
+        """Pick up files copied in or deleted since the last scan, at most once a second."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last_scan <= REDISCOVER_INTERVAL:
+                return
+            self._last_scan = now  # claimed: callers meanwhile list what is known
+        self.rediscover(in_background=True)
+
+    def models(self, *, relative_paths: bool = False) -> list[dict[str, Any]]:
+        """Every discovered model with its live state; never blocks on a load or generation.
+
+        The folder is rescanned first when the last scan is over a second old, so a file
+        copied in shows up on the next listing. ``relative_paths`` shows each model's path
+        relative to the models folder (for callers who may not learn the server's layout).
+        """
+        self._rescan_if_stale()
+        root = self._settings.models_directory.resolve()
         with self._lock:
             files = list(self._files.values())
             instances = dict(self._instances)
@@ -712,7 +801,8 @@ class ModelManager:
         for file in files:
             model = settings.get(file.id, NO_SETTINGS)
             generate = instances.get((file.id, Mode.GENERATE))
-            view: dict[str, Any] = {"id": file.id, "aliases": list(model.aliases), "path": str(file.path),
+            path = _relative(file.path, root) if relative_paths else str(file.path)
+            view: dict[str, Any] = {"id": file.id, "aliases": list(model.aliases), "path": path,
                                     "size_bytes": file.size, "created": file.created, "pinned": model.pinned}
             view.update(self._instance_view(generate, file))
             embed = instances.get((file.id, Mode.EMBED))
@@ -763,6 +853,13 @@ class ModelManager:
 def _idle_reason(instance: Instance) -> str:
     """Why an idle unload happens: a request's keep_alive set the timeout, or the config did."""
     return "keep_alive" if instance.keep_alive is not None else "idle"
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:  # the folder moved since discovery: the name alone
+        return path.name
 
 
 def _read_shapes(files: list[ModelFile]) -> None:

@@ -8,6 +8,7 @@ refused by name so a client never silently gets less than it asked for.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -16,6 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from errors import InvalidRequest
 
 MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 1024
 MAX_EMBEDDING_INPUTS = 2048
 
 
@@ -45,16 +47,21 @@ def parse_duration(value: Any) -> float | None:
         return None
     if isinstance(value, bool):
         raise ValueError("keep_alive must be a number of seconds or a duration such as '10m'")
+    seconds: float | None = None
     if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
+        seconds = float(value) if abs(value) < 1e300 else math.inf  # float() of a huge int raises
+    elif isinstance(value, str):
         text = value.strip().lower()
         sign = -1.0 if text.startswith("-") else 1.0
         parts = _DURATION.fullmatch(text.lstrip("-"))
         if text.lstrip("-") and parts:
-            seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION_PART.findall(text.lstrip("-")))
-            return sign * seconds
-    raise ValueError("keep_alive must be a number of seconds or a duration such as '30s', '10m', '2h'")
+            seconds = sign * sum(float(n) * _UNITS[u] for n, u in _DURATION_PART.findall(text.lstrip("-")))
+    if seconds is None:
+        raise ValueError("keep_alive must be a number of seconds or a duration such as '30s', '10m', '2h'")
+    if not math.isfinite(seconds):
+        # An infinite timer would never fire and would put Infinity (invalid JSON) in /health.
+        raise ValueError("keep_alive must be finite; use a negative value to keep the model loaded")
+    return seconds
 
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "": 1}
@@ -93,6 +100,10 @@ class _Generation(_Body):
             raise _field_error("n", "only n=1 is supported")
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
             raise _field_error("stop", f"at most {MAX_STOP_STRINGS} stop strings are supported")
+        if any(len(stop) > MAX_STOP_LENGTH for stop in self.stops):
+            # Every token is checked against every tail of every stop string: a megabyte
+            # stop string would make each token cost seconds.
+            raise _field_error("stop", f"stop strings may be at most {MAX_STOP_LENGTH} characters long")
         for key, bias in (self.logit_bias or {}).items():
             if not key.lstrip("-").isdigit():
                 raise _field_error("logit_bias", f"keys must be token ids, got {key[:40]!r}")
@@ -156,7 +167,9 @@ class ChatCompletionRequest(_Generation):
     def _chat_checks(self) -> ChatCompletionRequest:
         if self.logprobs:
             raise _field_error("logprobs", "logprobs are not supported")
-        if self.max_tokens is None:
+        # Assigning marks a field as sent; only copy a value the client really sent, so the
+        # model's default max_tokens still applies to chat requests that name neither.
+        if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         return self
 
@@ -241,12 +254,15 @@ Body = TypeVar("Body", bound=BaseModel)
 def parse_body(raw: bytes, schema: type[Body]) -> Body:
     """Parse a JSON request body into ``schema`` or raise ``InvalidRequest`` naming the field."""
     try:
-        data = json.loads(raw or b"null")
+        data = json.loads(raw or b"null", parse_constant=_refuse_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}",
                              code="invalid_json") from None
     except RecursionError:
         raise InvalidRequest("The JSON body is nested too deeply", code="invalid_json") from None
+    except _NonFinite as exc:
+        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}",
+                             code="invalid_json") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object", code="invalid_json")
     try:
@@ -255,6 +271,15 @@ def parse_body(raw: bytes, schema: type[Body]) -> Body:
         raise _invalid(exc) from None
     except _FieldError as exc:
         raise InvalidRequest(str(exc), param=exc.param) from None
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    """``NaN``, ``Infinity`` and ``-Infinity`` are not JSON, though Python's parser accepts them."""
+    raise _NonFinite(f"{name} is not a valid JSON value")
 
 
 def _invalid(exc: ValidationError) -> InvalidRequest:

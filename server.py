@@ -35,7 +35,7 @@ from metrics import Metrics
 from model_manager import Clock, Loader, ModelManager
 from openapi import install_openapi
 from state import EXTENSION, AppState
-from wsgi_server import build_wsgi_server
+from wsgi_server import build_wsgi_server, listen_addresses
 
 log = logging.getLogger("llama_cpp_server")
 
@@ -60,6 +60,8 @@ def create_app(settings: Settings, *, config_path: Path | None = None,
         state.scheduler = tasks.start_scheduler(manager, settings.model_manager.check_interval)
         if settings.model_manager.preload:
             manager.preload(settings.model_manager.preload)
+    state.config_from_file = config_path is not None and config_path.exists()
+    state.event_streams = threading.BoundedSemaphore(admin.event_stream_limit(settings.server.threads))
     app.extensions[EXTENSION] = state
     CORS(app, origins=settings.server.cors_origins, supports_credentials=False)
     register_error_handlers(app)
@@ -77,12 +79,13 @@ def create_app(settings: Settings, *, config_path: Path | None = None,
     return app
 
 
-def close_app(app: Flask, timeout: float) -> None:
-    """Stop the scheduler, let requests finish for up to ``timeout`` s, unload every model."""
+def close_app(app: Flask, timeout: float | None = None) -> None:
+    """Stop the scheduler, let requests finish for up to ``timeout`` s (default: the current
+    ``unload_timeout``), unload every model."""
     state: AppState = app.extensions[EXTENSION]
     if state.scheduler is not None:
         state.scheduler.shutdown(wait=False)
-    state.manager.shutdown(timeout)
+    state.manager.shutdown(state.manager.settings.unload_timeout if timeout is None else timeout)
     state.pool.shutdown(wait=False)
 
 
@@ -154,7 +157,7 @@ def serve(app: Flask, settings: Settings) -> int:
     stopping = threading.Event()
 
     def _drain_then_stop() -> None:
-        close_app(app, settings.model_manager.unload_timeout)
+        close_app(app)  # the unload_timeout in force now: /admin/reload may have changed it
         # A real signal (unlike _thread.interrupt_main) also wakes the main thread from
         # waitress's select(); _on_signal then stops the loop.
         os.kill(os.getpid(), signal.SIGINT)
@@ -163,13 +166,16 @@ def serve(app: Flask, settings: Settings) -> int:
         if stopping.is_set():
             raise KeyboardInterrupt  # drained, or a second signal: leave waitress's loop now
         stopping.set()
+        # At once, on the thread that accepts connections: anything accepted from now on is refused.
+        app.extensions[EXTENSION].manager.begin_shutdown()
         log.info("shutdown requested signal=%s; finishing in-flight requests", signal.Signals(signum).name)
         threading.Thread(target=_drain_then_stop, name="shutdown", daemon=True).start()
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    log.info("listening on http://%s:%s models_directory=%s", server_settings.host, server.effective_port,
-             settings.model_manager.models_directory)
+    for host, port in listen_addresses(server):
+        log.info("listening on http://%s:%s models_directory=%s", f"[{host}]" if ":" in host else host, port,
+                 settings.model_manager.models_directory)
     try:
         server.run()
     except KeyboardInterrupt:

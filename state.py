@@ -26,6 +26,8 @@ class AppState:
     metrics: Any = None
     pool: Any = None  # runs the loads that streams wait for while they send ": loading" comments
     scheduler: Any = None
+    event_streams: Any = None  # a BoundedSemaphore: open /admin/events streams
+    config_from_file: bool = False  # the running config was read from config_path (so it must stay there)
     started: float = field(default_factory=time.monotonic)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from flask import Flask
 from waitress.channel import HTTPChannel
-from waitress.server import BaseWSGIServer, create_server
+from waitress.server import BaseWSGIServer, MultiSocketServer, create_server
 
 from config import ServerSettings
 from errors import error_body
@@ -39,9 +39,23 @@ def build_wsgi_server(app: Flask, settings: ServerSettings) -> Any:
         max_request_body_size=settings.max_request_body * 2 + 65536,
         # Lets waitress notice a client that hung up while its stream is generating.
         channel_request_lookahead=1, ident="llama-cpp-server", clear_untrusted_proxy_headers=True)
-    for listener in [s for s in server._map.values() if isinstance(s, BaseWSGIServer)]:
+    for listener in [s for s in socket_map(server).values() if isinstance(s, BaseWSGIServer)]:
         listener.handle_accept = types.MethodType(_accept_or_refuse(settings.connection_limit), listener)
     return server
+
+
+def socket_map(server: Any) -> dict[int, Any]:
+    """Every socket waitress polls: one listener, or several when the host resolved to several
+    addresses (``localhost`` as ``::1`` and ``127.0.0.1``: waitress then returns a
+    ``MultiSocketServer``, which keeps its map under another name)."""
+    return server.map if isinstance(server, MultiSocketServer) else server._map
+
+
+def listen_addresses(server: Any) -> list[tuple[str, int]]:
+    """The (host, port) pairs the server really listens on."""
+    if isinstance(server, MultiSocketServer):
+        return [(host, port) for host, port in server.effective_listen]
+    return [(server.effective_host, server.effective_port)]
 
 
 def _accept_or_refuse(limit: int) -> Any:

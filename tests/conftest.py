@@ -77,6 +77,8 @@ class CountingLoader:
         self.token_delay = 0.0
         self.fail_eval_after: int | None = None  # raise inside llama.cpp's decode after this many more calls
         self.evals = 0
+        self.decoded_tokens = 0  # tokens llama.cpp decoded, prompts included
+        self.close_gate: threading.Event | None = None  # when set, a model's close waits for it
         self._lock = threading.Lock()
 
     def __call__(self, model: Any, options: LoadOptions) -> Any:
@@ -93,6 +95,7 @@ class CountingLoader:
 
         def decode(batch: Any) -> None:
             self.evals += 1
+            self.decoded_tokens += batch.batch.n_tokens
             if self.token_delay:
                 time.sleep(self.token_delay)
             if self.fail_eval_after is not None:
@@ -103,6 +106,14 @@ class CountingLoader:
             real_decode(batch)
 
         context.decode = decode  # every llama.cpp decode passes here; the model stays real
+        real_close = llama.close
+
+        def close() -> None:
+            if self.close_gate is not None:
+                self.close_gate.wait(60)
+            real_close()
+
+        llama.close = close
         return llama
 
 

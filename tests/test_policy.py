@@ -15,6 +15,7 @@ from conftest import JOIN_TIMEOUT, LiveServer, chat_body, sse_events
 from gguf_factory import write_llama_model
 from test_lifecycle import FakeClock, completion, open_stream
 
+import completions
 from config import ConfigError, load_settings
 
 
@@ -104,8 +105,8 @@ def test_load_that_cannot_get_room_in_time_is_503_naming_the_holder(make_server)
 
 def test_keep_alive_zero_unloads_right_after_the_response(server: LiveServer):
     assert completion(server, keep_alive=0).status_code == 200
+    server.wait_for(lambda: unload_reasons(server) == [("tiny", "keep_alive")])
     assert loaded(server) == []
-    assert unload_reasons(server) == [("tiny", "keep_alive")]
 
 
 def test_keep_alive_duration_is_honoured_by_the_idle_job(make_server):
@@ -118,8 +119,8 @@ def test_keep_alive_duration_is_honoured_by_the_idle_job(make_server):
     clock.advance(1.5)
     assert server.manager.evict_idle() == ["tiny"]
     assert unload_reasons(server) == [("tiny", "keep_alive")]
-    completion(server)  # no keep_alive: the last one set stays in force
-    assert server.model_view("tiny")["idle_timeout"] == 2
+    completion(server)  # no keep_alive: the configured timeout is back
+    assert server.model_view("tiny")["idle_timeout"] == 300
 
 
 def test_keep_alive_precedence_request_over_model_over_global(make_server):
@@ -193,7 +194,8 @@ def test_per_model_llama_arguments_reach_the_load(make_server):
     assert llama.n_batch == 32 and llama.context_params.n_ubatch == 16
 
 
-def test_streams_waiting_for_a_load_get_loading_comments(server: LiveServer):
+def test_streams_waiting_for_a_load_get_loading_comments(server: LiveServer, monkeypatch):
+    monkeypatch.setattr(completions, "STREAM_HEADERS_DEADLINE", 0.3)  # time is the subject: shortened
     server.loader.delay = 2.5
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 3, "stream": True}
     started = time.monotonic()
@@ -201,7 +203,7 @@ def test_streams_waiting_for_a_load_get_loading_comments(server: LiveServer):
         assert response.status_code == 200
         lines = response.iter_lines()
         first = next(lines)
-        assert time.monotonic() - started < 1.0  # headers and a first comment come at once
+        assert time.monotonic() - started < 1.3  # headers and a first comment once the deadline passed
         rest = list(lines)
     rest = [line for line in rest if line]
     comments = [first] + [line for line in rest if line.startswith(b":")]
@@ -211,11 +213,22 @@ def test_streams_waiting_for_a_load_get_loading_comments(server: LiveServer):
     assert any(line.startswith(b"data: {") for line in rest)
 
 
-def test_stream_whose_load_fails_gets_an_error_event(make_server, models_dir):
+def test_stream_whose_quick_load_fails_gets_the_failure_status(make_server, models_dir):
     (models_dir / "broken.gguf").write_text("not a model")
     server = make_server()
     body = {"model": "broken", "prompt": "Hello", "stream": True}
+    reply = server.post("/v1/completions", body)
+    assert reply.status_code == 422 and reply.json()["error"]["code"] == "model_file_invalid"
+
+
+def test_stream_whose_slow_load_fails_gets_an_error_event(make_server, models_dir, monkeypatch):
+    monkeypatch.setattr(completions, "STREAM_HEADERS_DEADLINE", 0.2)
+    (models_dir / "broken.gguf").write_text("not a model")
+    server = make_server()
+    server.loader.delay = 0.6
+    body = {"model": "broken", "prompt": "Hello", "stream": True}
     with requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=JOIN_TIMEOUT) as response:
+        assert response.status_code == 200
         events = list(sse_events(response))
     assert events[0]["error"]["code"] == "model_file_invalid" and events[-1] == "[DONE]"
 

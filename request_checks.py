@@ -1,0 +1,108 @@
+"""Judging a completion request before its model is leased, so a refused request never loads
+(or evicts) anything and always answers with a 4xx status, streaming or not.
+
+Everything here needs only the request, the model's settings and its GGUF header: the
+model's id, the mode it serves, ``max_tokens`` against the server's limit, the model's
+sampling defaults, token ids and ``logit_bias`` keys against the vocabulary size, and the
+grammar a request asks for. What needs the loaded model (tokenizing, the chat template,
+the prompt's length against the context) is judged in ``completions.prepare``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from errors import InvalidRequest
+from generation import SamplingParams
+from model_manager import Mode, ModelManager
+from schemas import CompletionRequest, _Generation
+
+
+@dataclass
+class Verdict:
+    """A request found acceptable: the model it goes to and how to sample."""
+
+    model_id: str
+    params: SamplingParams
+
+
+def judge(manager: ModelManager, request: _Generation, grammar_checker: Any = None) -> Verdict:
+    """Refuse what can be refused without the model; fill in the model's defaults."""
+    model_id = manager.resolve(request.model)
+    manager.check_mode(model_id, Mode.GENERATE)
+    settings = manager.model_settings(model_id)
+    # Judged before the model's defaults fill in: only what the client sent can be refused.
+    asked = request.max_tokens if "max_tokens" in request.model_fields_set else None
+    apply_defaults(request, settings.default)
+    limit = manager.settings.max_tokens_limit
+    if limit is not None:
+        if asked is not None and asked > limit:
+            raise InvalidRequest(f"max_tokens {asked} is above this server's limit of {limit}", param="max_tokens")
+        request.max_tokens = min(request.max_tokens or limit, limit)
+    header = manager.header(model_id)
+    n_vocab = header.n_vocab if header is not None else 0
+    logit_bias = {int(k): v for k, v in (request.logit_bias or {}).items()}
+    check_token_ids(logit_bias, n_vocab, "logit_bias")
+    if isinstance(request, CompletionRequest):
+        for prompt in request.prompts():
+            if isinstance(prompt, list):
+                check_token_ids(prompt, n_vocab, "prompt")
+    grammar = request_grammar(request)
+    return Verdict(model_id, sampling_params(request, grammar, logit_bias))
+
+
+def request_grammar(request: _Generation) -> str | None:
+    """The GBNF the request asks for: ``grammar`` itself, or one built from ``response_format``."""
+    fmt = request.response_format
+    if fmt is not None and fmt.type != "text":
+        return _format_grammar(fmt)
+    return request.grammar
+
+
+def _format_grammar(fmt: Any) -> str:
+    import json
+
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    schema = fmt.json_schema.schema_ if fmt.json_schema is not None else fmt.schema_
+    if fmt.type == "json_object" and not schema:
+        return JSON_GBNF
+    if not schema:
+        raise InvalidRequest("response_format json_schema needs a schema", param="response_format")
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:  # the converter raises assorted errors on schemas it cannot express
+        raise InvalidRequest(f"Unsupported JSON schema: {exc}", param="response_format") from None
+
+
+def apply_defaults(request: _Generation, defaults: BaseModel) -> None:
+    """Fill the fields the request left out with the model's configured defaults."""
+    for name in defaults.model_fields_set:
+        if name not in request.model_fields_set:
+            setattr(request, name, getattr(defaults, name))
+
+
+def check_token_ids(tokens: Any, n_vocab: int, param: str) -> None:
+    """Refuse token ids outside ``0..n_vocab-1`` (``n_vocab`` 0: only negative ids are known bad).
+
+    llama.cpp indexes its tables with them unchecked: an id out of range reads out of bounds.
+    """
+    bad = next((t for t in tokens if t < 0 or (n_vocab and t >= n_vocab)), None)
+    if bad is not None:
+        vocab = f"0..{n_vocab - 1}" if n_vocab else "non-negative"
+        raise InvalidRequest(f"token id {bad} in {param} is outside this model's vocabulary ({vocab})",
+                             param=param)
+
+
+def sampling_params(request: _Generation, grammar: str | None, logit_bias: dict[int, float]) -> SamplingParams:
+    """The request's sampling fields, as the token loop takes them."""
+    return SamplingParams(
+        max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+        top_k=request.top_k, min_p=request.min_p, repeat_penalty=request.repeat_penalty,
+        presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+        seed=request.seed, stop=request.stops, ignore_eos=request.ignore_eos, grammar=grammar,
+        logit_bias=logit_bias,
+    )
