@@ -170,11 +170,12 @@ def complete(job: Job) -> dict[str, Any]:
 def _choice(job: Job, index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
     if job.kind == "text":
         return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    message: dict[str, Any] = {"role": "assistant", "content": text}
+    # OpenAI's message always carries "refusal" (null unless the model refused); clients read it.
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
     if job.parse_tools:
         content, calls = extract_tool_calls(text)
         if calls:
-            message = {"role": "assistant", "content": content, "tool_calls": calls}
+            message = {"role": "assistant", "content": content, "refusal": None, "tool_calls": calls}
             finish_reason = "tool_calls"
     return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason}
 

@@ -41,6 +41,8 @@ def test_stories_chat_uses_fallback_template(make_server, stories_path, models_d
 def test_chat_with_model_template(server: LiveServer):
     reply = server.post("/v1/chat/completions", chat_body(max_tokens=5)).json()
     assert reply["choices"][0]["finish_reason"] == "length"
+    message = reply["choices"][0]["message"]
+    assert "refusal" in message and message["refusal"] is None  # OpenAI's message always has it
     assert reply["usage"]["completion_tokens"] == 5
     prompt_tokens = reply["usage"]["prompt_tokens"]
     longer = server.post("/v1/chat/completions", chat_body(content="Hello Hello Hello", max_tokens=5)).json()
@@ -174,6 +176,7 @@ def test_required_tool_choice_returns_tool_call(make_server, models_dir):
     reply = server.post("/v1/chat/completions", body).json()
     choice = reply["choices"][0]
     assert choice["finish_reason"] == "tool_calls", reply
+    assert "refusal" in choice["message"] and choice["message"]["refusal"] is None
     call = choice["message"]["tool_calls"][0]
     assert call["function"]["name"] == "get_weather"
     assert json.loads(call["function"]["arguments"])["city"] in ("Paris", "Oslo")
