@@ -53,8 +53,15 @@ class Job:
     started: float = field(default_factory=time.monotonic)
 
     @property
-    def object_prefix(self) -> str:
+    def object_type(self) -> str:
+        """The ``object`` of a whole response."""
         return "chat.completion" if self.kind == "chat" else "text_completion"
+
+    @property
+    def chunk_object_type(self) -> str:
+        """The ``object`` of a stream chunk: chat chunks have their own, text chunks are
+        ``text_completion`` like the whole response (OpenAI's completions stream says so)."""
+        return "chat.completion.chunk" if self.kind == "chat" else "text_completion"
 
     def usage(self) -> dict[str, int]:
         prompt = sum(g.result.prompt_tokens for g in self.generations)
@@ -163,7 +170,7 @@ def complete(job: Job) -> dict[str, Any]:
     choices = [_choice(job, i, text, g.result.finish_reason) for i, (text, g) in
                enumerate(zip(texts, job.generations, strict=True))]
     _log_done(job, 200)
-    return {"id": _response_id(job), "object": job.object_prefix, "created": job.created,
+    return {"id": _response_id(job), "object": job.object_type, "created": job.created,
             "model": job.lease.model_id, "choices": choices, "usage": job.usage()}
 
 
@@ -249,7 +256,7 @@ class _PendingJob:
 
 
 def _events(job: Job) -> Iterator[bytes]:
-    base = {"id": _response_id(job), "object": job.object_prefix + ".chunk", "created": job.created,
+    base = {"id": _response_id(job), "object": job.chunk_object_type, "created": job.created,
             "model": job.lease.model_id}
     status = 200
     try:
