@@ -25,6 +25,7 @@ from pydantic import BaseModel
 import sse
 from chat_format import ChatTemplate, extract_tool_calls
 from errors import InvalidRequest, ServiceError
+from fingerprint import SYSTEM_FINGERPRINT
 from generation import Generation, SamplingParams
 from model_manager import Lease, ModelManager
 from schemas import ChatCompletionRequest, CompletionRequest, _Generation
@@ -171,7 +172,8 @@ def complete(job: Job) -> dict[str, Any]:
                enumerate(zip(texts, job.generations, strict=True))]
     _log_done(job, 200)
     return {"id": _response_id(job), "object": job.object_type, "created": job.created,
-            "model": job.lease.model_id, "choices": choices, "usage": job.usage()}
+            "model": job.lease.model_id, "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices,
+            "usage": job.usage()}
 
 
 def _choice(job: Job, index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
@@ -257,7 +259,7 @@ class _PendingJob:
 
 def _events(job: Job) -> Iterator[bytes]:
     base = {"id": _response_id(job), "object": job.chunk_object_type, "created": job.created,
-            "model": job.lease.model_id}
+            "model": job.lease.model_id, "system_fingerprint": SYSTEM_FINGERPRINT}
     status = 200
     try:
         if job.lease.busy():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import shutil
 import socket
 import struct
@@ -75,6 +76,18 @@ def test_text_completion_stream(server: LiveServer):
     assert events[-1] == "[DONE]"
     assert events[-2]["choices"][0]["finish_reason"] == "length"
     assert all(e["object"] == "text_completion" for e in events[:-1])  # OpenAI: same object as the reply
+
+
+def test_system_fingerprint_is_one_value_on_every_reply_and_chunk(server: LiveServer):
+    text = {"model": "tiny", "prompt": "Hello", "max_tokens": 3, "temperature": 0}
+    replies = [server.post("/v1/chat/completions", chat_body(max_tokens=3)).json(),
+               server.post("/v1/completions", text).json(), server.post("/v1/completions", text).json()]
+    for path, body in (("/v1/chat/completions", chat_body(max_tokens=3)), ("/v1/completions", text)):
+        with requests.post(server.url + path, json={**body, "stream": True}, stream=True, timeout=30) as response:
+            replies += [e for e in sse_events(response) if e != "[DONE]"]
+    fingerprints = {reply.get("system_fingerprint") for reply in replies}
+    assert len(fingerprints) == 1, fingerprints
+    assert re.fullmatch(r"fp_[0-9a-f]{10}", fingerprints.pop() or "")
 
 
 def test_tokens_leave_as_they_are_generated(server: LiveServer):
