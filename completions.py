@@ -64,10 +64,13 @@ class Job:
         ``text_completion`` like the whole response (OpenAI's completions stream says so)."""
         return "chat.completion.chunk" if self.kind == "chat" else "text_completion"
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
+        """OpenAI's ``usage``, summed over the choices; ``cached_tokens`` were reused from the KV cache."""
         prompt = sum(g.result.prompt_tokens for g in self.generations)
         completion = sum(g.result.completion_tokens for g in self.generations)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached = sum(g.result.cached_tokens for g in self.generations)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def prepare(manager: ModelManager, kind: str, request: _Generation, disconnected: Disconnected,

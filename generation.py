@@ -52,6 +52,7 @@ class Result:
     """Filled in as the generation runs; complete once the iterator is exhausted."""
 
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, those reused from the KV cache instead of evaluated
     completion_tokens: int = 0
     finish_reason: str | None = None
     first_token_at: float | None = None  # time.monotonic() when the first token was sampled
@@ -83,7 +84,7 @@ class Generation:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = _StopMatcher(params.stop)
         try:
-            _eval_prompt(llama, self.prompt)
+            result.cached_tokens = _eval_prompt(llama, self.prompt)
             while result.completion_tokens < self.max_tokens:
                 token = self.sampler.sample(llama._ctx, -1)
                 if llama_cpp.llama_vocab_is_eog(vocab, token) and not params.ignore_eos:
@@ -122,8 +123,8 @@ def context_size(llama: llama_cpp.Llama) -> int:
     return min(llama.n_ctx(), len(llama.input_ids))
 
 
-def _eval_prompt(llama: llama_cpp.Llama, prompt: list[int]) -> None:
-    """Evaluate ``prompt``, reusing the longest prefix already in the KV cache."""
+def _eval_prompt(llama: llama_cpp.Llama, prompt: list[int]) -> int:
+    """Evaluate ``prompt``, reusing the longest prefix already in the KV cache; return that prefix's length."""
     cached = llama.n_tokens
     prefix = 0
     if cached:
@@ -139,6 +140,7 @@ def _eval_prompt(llama: llama_cpp.Llama, prompt: list[int]) -> None:
         llama.reset()
         prefix = 0
     llama.eval(prompt[prefix:])
+    return prefix
 
 
 def _decode_next(llama: llama_cpp.Llama, token: int) -> None:

@@ -246,3 +246,15 @@ def test_prefix_reuse_keeps_answers_identical(server: LiveServer):
     again = server.post("/v1/chat/completions", history).json()["choices"][0]["message"]["content"]
     assert again == first
     assert server.loader.evals - evals_before == 8  # 1 re-evaluated prompt token + 7 generated tokens
+
+
+def test_usage_counts_prompt_tokens_served_from_the_kv_cache(server: LiveServer):
+    body = chat_body(content="Hello Hello world", max_tokens=4)
+    first = server.post("/v1/chat/completions", body).json()["usage"]
+    assert first["prompt_tokens_details"] == {"cached_tokens": 0}
+    again = server.post("/v1/chat/completions", body).json()["usage"]
+    assert 0 < again["prompt_tokens_details"]["cached_tokens"] < again["prompt_tokens"] == first["prompt_tokens"]
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with requests.post(server.url + "/v1/chat/completions", json=stream, stream=True, timeout=30) as response:
+        streamed = [e for e in sse_events(response) if e != "[DONE]"][-1]["usage"]
+    assert streamed["prompt_tokens_details"] == again["prompt_tokens_details"]
