@@ -263,6 +263,9 @@ class _PendingJob:
 def _events(job: Job) -> Iterator[bytes]:
     base = {"id": _response_id(job), "object": job.chunk_object_type, "created": job.created,
             "model": job.lease.model_id, "system_fingerprint": SYSTEM_FINGERPRINT}
+    include_usage = job.request.stream_options is not None and job.request.stream_options.include_usage
+    if include_usage:
+        base["usage"] = None  # OpenAI: null on every chunk but the last, which has no choices
     status = 200
     try:
         if job.lease.busy():
@@ -270,7 +273,7 @@ def _events(job: Job) -> Iterator[bytes]:
         with job.lease.generating():
             for index, generation in enumerate(job.generations):
                 yield from _choice_events(job, base, index, generation)
-        if job.request.stream_options is not None and job.request.stream_options.include_usage:
+        if include_usage:
             yield sse.event({**base, "choices": [], "usage": job.usage()})
     except GeneratorExit:
         status = 499  # the client went away; nothing more can be sent

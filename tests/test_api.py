@@ -65,6 +65,7 @@ def test_stream_shape_and_usage(server: LiveServer):
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1])  # null until the last, as OpenAI
     plain = server.post("/v1/chat/completions", chat_body(max_tokens=6)).json()
     assert text == plain["choices"][0]["message"]["content"]  # greedy: same text either way
 
@@ -76,6 +77,12 @@ def test_text_completion_stream(server: LiveServer):
     assert events[-1] == "[DONE]"
     assert events[-2]["choices"][0]["finish_reason"] == "length"
     assert all(e["object"] == "text_completion" for e in events[:-1])  # OpenAI: same object as the reply
+    assert not any("usage" in e for e in events[:-1])  # not asked for
+    body["stream_options"] = {"include_usage": True}
+    with requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=30) as response:
+        events = list(sse_events(response))[:-1]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 5
+    assert all("usage" in e and e["usage"] is None for e in events[:-1])
 
 
 def test_system_fingerprint_is_one_value_on_every_reply_and_chunk(server: LiveServer):
