@@ -265,3 +265,15 @@ def test_usage_counts_prompt_tokens_served_from_the_kv_cache(server: LiveServer)
     with requests.post(server.url + "/v1/chat/completions", json=stream, stream=True, timeout=30) as response:
         streamed = [e for e in sse_events(response) if e != "[DONE]"][-1]["usage"]
     assert streamed["prompt_tokens_details"] == again["prompt_tokens_details"]
+
+
+def test_text_parts_are_joined_with_newlines(server: LiveServer):
+    """As llama.cpp's server does: [{"text": "a"}, {"text": "b"}] reads as "a\\nb"."""
+    parts = chat_body(max_tokens=6)
+    parts["messages"][0]["content"] = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
+    joined = server.post("/v1/chat/completions", chat_body(content="Hello\nworld", max_tokens=6)).json()
+    glued = server.post("/v1/chat/completions", chat_body(content="Helloworld", max_tokens=6)).json()
+    assert joined["usage"]["prompt_tokens"] != glued["usage"]["prompt_tokens"]  # the test can tell them apart
+    reply = server.post("/v1/chat/completions", parts).json()
+    assert reply["usage"]["prompt_tokens"] == joined["usage"]["prompt_tokens"]
+    assert reply["choices"][0]["message"]["content"] == joined["choices"][0]["message"]["content"]
