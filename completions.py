@@ -264,8 +264,10 @@ def _events(job: Job) -> Iterator[bytes]:
     base = {"id": _response_id(job), "object": job.chunk_object_type, "created": job.created,
             "model": job.lease.model_id, "system_fingerprint": SYSTEM_FINGERPRINT}
     include_usage = job.request.stream_options is not None and job.request.stream_options.include_usage
-    if include_usage:
-        base["usage"] = None  # OpenAI: null on every chunk but the last, which has no choices
+    if include_usage and job.kind == "chat":
+        # OpenAI's chat chunks: "usage" null on every chunk but the last, which has no choices.
+        # A text chunk is a CreateCompletionResponse, whose usage may be absent but not null.
+        base["usage"] = None
     status = 200
     try:
         if job.lease.busy():
