@@ -202,6 +202,12 @@ def test_required_tool_choice_returns_tool_call(make_server, models_dir):
     assert json.loads(call["function"]["arguments"])["city"] in ("Paris", "Oslo")
     refused = server.post("/v1/chat/completions", chat_body(tools=[tool]))
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "tools"
+    with requests.post(server.url + "/v1/chat/completions", json={**body, "stream": True}, stream=True,
+                       timeout=30) as response:
+        chunks = [e for e in sse_events(response) if e != "[DONE]"]
+    streamed = next(d["tool_calls"] for d in (c["choices"][0]["delta"] for c in chunks) if d.get("tool_calls"))
+    assert streamed[0]["index"] == 0 and streamed[0]["function"] == call["function"]  # greedy: the same call
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
 def test_embeddings_one_normalised_vector_per_input_in_order(server: LiveServer):
