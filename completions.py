@@ -30,6 +30,7 @@ from flask import Response
 import sse
 from chat_format import ChatTemplate, extract_tool_calls
 from errors import InvalidRequest, ServiceError
+from fingerprint import SYSTEM_FINGERPRINT
 from generation import Generation
 from model_manager import Lease, ModelManager
 from request_checks import Verdict, check_token_ids
@@ -65,13 +66,23 @@ class Job:
     started: float = field(default_factory=time.monotonic)
 
     @property
-    def object_prefix(self) -> str:
+    def object_type(self) -> str:
+        """The ``object`` of a whole response."""
         return "chat.completion" if self.kind == "chat" else "text_completion"
 
-    def usage(self) -> dict[str, int]:
+    @property
+    def chunk_object_type(self) -> str:
+        """The ``object`` of a stream chunk: chat chunks have their own, text chunks are
+        ``text_completion`` like the whole response (OpenAI's completions stream says so)."""
+        return "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+
+    def usage(self) -> dict[str, Any]:
+        """OpenAI's ``usage``, summed over the choices; ``cached_tokens`` were reused from the KV cache."""
         prompt = sum(g.result.prompt_tokens for g in self.generations)
         completion = sum(g.result.completion_tokens for g in self.generations)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached = sum(g.result.cached_tokens for g in self.generations)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def prepare(manager: ModelManager, kind: str, request: _Generation, verdict: Verdict,
@@ -139,8 +150,9 @@ def complete(job: Job) -> dict[str, Any]:
     choices = [_choice(job, i, text, g.result.finish_reason) for i, (text, g) in
                enumerate(zip(texts, job.generations, strict=True))]
     _log_done(job, 200)
-    return {"id": _response_id(job), "object": job.object_prefix, "created": job.created,
-            "model": job.lease.model_id, "choices": choices, "usage": job.usage()}
+    return {"id": _response_id(job), "object": job.object_type, "created": job.created,
+            "model": job.lease.model_id, "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices,
+            "usage": job.usage()}
 
 
 def _wait_turn(job: Job) -> None:
@@ -162,11 +174,12 @@ class ClientGone(ServiceError):
 def _choice(job: Job, index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
     if job.kind == "text":
         return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    message: dict[str, Any] = {"role": "assistant", "content": text}
+    # OpenAI's message always carries "refusal" (null unless the model refused); clients read it.
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
     if job.parse_tools:
         content, calls = extract_tool_calls(text)
         if calls:
-            message = {"role": "assistant", "content": content, "tool_calls": calls}
+            message = {"role": "assistant", "content": content, "refusal": None, "tool_calls": calls}
             finish_reason = "tool_calls"
     return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason}
 
@@ -250,8 +263,13 @@ class _PendingJob:
 
 
 def _events(job: Job) -> Iterator[bytes]:
-    base = {"id": _response_id(job), "object": job.object_prefix + ".chunk", "created": job.created,
-            "model": job.lease.model_id}
+    base = {"id": _response_id(job), "object": job.chunk_object_type, "created": job.created,
+            "model": job.lease.model_id, "system_fingerprint": SYSTEM_FINGERPRINT}
+    include_usage = job.request.stream_options is not None and job.request.stream_options.include_usage
+    if include_usage and job.kind == "chat":
+        # OpenAI's chat chunks: "usage" null on every chunk but the last, which has no choices.
+        # A text chunk is a CreateCompletionResponse, whose usage may be absent but not null.
+        base["usage"] = None
     status = 200
     try:
         yield from _queued_comments(job)
@@ -260,7 +278,7 @@ def _events(job: Job) -> Iterator[bytes]:
                 yield from _choice_events(job, base, index, generation)
         finally:
             job.lease.end_turn()
-        if job.request.stream_options is not None and job.request.stream_options.include_usage:
+        if include_usage:
             yield sse.event({**base, "choices": [], "usage": job.usage()})
     except GeneratorExit:
         status = 499  # the client went away; nothing more can be sent

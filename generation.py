@@ -52,6 +52,7 @@ class Result:
     """Filled in as the generation runs; complete once the iterator is exhausted."""
 
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, those reused from the KV cache instead of evaluated
     completion_tokens: int = 0
     finish_reason: str | None = None
     first_token_at: float | None = None  # time.monotonic() when the first token was sampled
@@ -84,8 +85,10 @@ class Generation:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = _StopMatcher(params.stop)
         try:
-            if not _eval_prompt(llama, self.prompt, self.should_stop):
+            cached = _eval_prompt(llama, self.prompt, self.should_stop)
+            if cached is None:
                 return  # the client hung up before or during the prompt: nobody to answer
+            result.cached_tokens = cached
             while result.completion_tokens < self.max_tokens:
                 token = self.sampler.sample(llama._ctx, -1)
                 if llama_cpp.llama_vocab_is_eog(vocab, token) and not params.ignore_eos:
@@ -124,11 +127,12 @@ def context_size(llama: llama_cpp.Llama) -> int:
     return min(llama.n_ctx(), len(llama.input_ids))
 
 
-def _eval_prompt(llama: llama_cpp.Llama, prompt: list[int], should_stop: Callable[[], bool]) -> bool:
-    """Evaluate ``prompt``, reusing the longest prefix already in the KV cache.
+def _eval_prompt(llama: llama_cpp.Llama, prompt: list[int], should_stop: Callable[[], bool]) -> int | None:
+    """Evaluate ``prompt``, reusing the longest prefix already in the KV cache; return that
+    prefix's length (the prompt tokens served from the cache).
 
     One batch at a time, asking ``should_stop`` before each, so a client that hung up stops
-    a long prompt within a batch; returns False then. What was evaluated stays cached and
+    a long prompt within a batch; returns None then. What was evaluated stays cached and
     consistent (``n_tokens`` moves with every batch) for the next request to reuse.
     """
     cached = llama.n_tokens
@@ -148,9 +152,9 @@ def _eval_prompt(llama: llama_cpp.Llama, prompt: list[int], should_stop: Callabl
     step = max(1, llama.n_batch)
     for start in range(prefix, len(prompt), step):
         if should_stop():
-            return False
+            return None
         llama.eval(prompt[start:start + step])
-    return True
+    return prefix
 
 
 def _decode_next(llama: llama_cpp.Llama, token: int) -> None:

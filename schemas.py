@@ -134,9 +134,9 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
     def text(self) -> str:
-        """The message's text, text parts joined."""
+        """The message's text, text parts joined by newlines as llama.cpp's server does."""
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            return "\n".join(part.text for part in self.content)
         return self.content or ""
 
 

@@ -2,7 +2,9 @@
 
 The server runs in this process (so tests can wrap the loader and read the manager), but
 every request goes over a real socket to real waitress, and every model is a real GGUF
-file run by real llama.cpp.
+file run by real llama.cpp. Every JSON reply of the OpenAI endpoints that passes through
+``LiveServer.get``/``post``, and every chunk ``sse_events`` reads, is checked against
+OpenAI's own schema for it (tests/openai_spec.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -26,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import openai_spec  # noqa: E402
 from gguf_factory import CHATML_TEMPLATE, write_llama_model  # noqa: E402
 
 from config import Settings  # noqa: E402
@@ -132,12 +136,14 @@ class LiveServer:
         return self.app.extensions["llama_cpp_server"].manager
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
-        return requests.get(self.url + path, timeout=JOIN_TIMEOUT, **kwargs)
+        """GET ``path``; a JSON reply of an OpenAI endpoint must match OpenAI's schema."""
+        return check_response(requests.get(self.url + path, timeout=JOIN_TIMEOUT, **kwargs))
 
     def post(self, path: str, body: Any = None, **kwargs: Any) -> requests.Response:
+        """POST ``body`` as JSON to ``path``; a JSON reply of an OpenAI endpoint must match OpenAI's schema."""
         if body is not None:
             kwargs["json"] = body
-        return requests.post(self.url + path, timeout=JOIN_TIMEOUT, **kwargs)
+        return check_response(requests.post(self.url + path, timeout=JOIN_TIMEOUT, **kwargs))
 
     def model_view(self, model_id: str) -> dict[str, Any]:
         return next(m for m in self.get("/health").json()["models"] if m["id"] == model_id)
@@ -205,14 +211,52 @@ def server(make_server: Callable[..., LiveServer]) -> LiveServer:
     return make_server()
 
 
+def check_response(response: requests.Response) -> requests.Response:
+    """Validate a JSON reply of ``/v1/...`` against OpenAI's schema for its endpoint and status.
+
+    Streams are left alone here: ``sse_events`` checks them chunk by chunk.
+    """
+    if response.headers.get("Content-Type", "").startswith("application/json"):
+        schema = openai_spec.response_schema(_path(response), response.status_code, _request_json(response))
+        if schema is not None:
+            openai_spec.validate(response.json(), schema)
+    return response
+
+
 def sse_events(response: requests.Response) -> Iterator[Any]:
-    """Parse a streaming response into JSON events; yields the string "[DONE]" at the end."""
+    """Parse a streaming response into JSON events; yields the string "[DONE]" at the end.
+
+    Each chunk of a chat or text completion stream must match OpenAI's chunk schema (an
+    in-band error event, its error schema).
+    """
     for line in response.iter_lines():
-        if not line or line.startswith(b":"):
-            continue
-        assert line.startswith(b"data: "), line
-        data = line[len(b"data: "):]
-        yield "[DONE]" if data == b"[DONE]" else json.loads(data)
+        if line and not line.startswith(b":"):
+            yield sse_data(response, line)
+
+
+def sse_data(response: requests.Response, line: bytes) -> Any:
+    """One ``data:`` line of ``response``'s stream as JSON (checked as ``sse_events`` does), or "[DONE]"."""
+    assert line.startswith(b"data: "), line
+    data = line[len(b"data: "):]
+    if data == b"[DONE]":
+        return "[DONE]"
+    event = json.loads(data)
+    schema = openai_spec.chunk_schema(_path(response), event)
+    if schema is not None:
+        openai_spec.validate(event, schema)
+    return event
+
+
+def _path(response: requests.Response) -> str:
+    return urlsplit(response.request.url).path
+
+
+def _request_json(response: requests.Response) -> Any:
+    body = response.request.body
+    try:
+        return json.loads(body) if body else None
+    except (ValueError, TypeError, RecursionError):
+        return None  # not JSON (or absurdly nested): the tests that send broken bodies on purpose
 
 
 def chat_body(model: str = "tiny-chat", content: str = "Hello", **extra: Any) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import shutil
 import socket
 import struct
@@ -41,6 +42,8 @@ def test_stories_chat_uses_fallback_template(make_server, stories_path, models_d
 def test_chat_with_model_template(server: LiveServer):
     reply = server.post("/v1/chat/completions", chat_body(max_tokens=5)).json()
     assert reply["choices"][0]["finish_reason"] == "length"
+    message = reply["choices"][0]["message"]
+    assert "refusal" in message and message["refusal"] is None  # OpenAI's message always has it
     assert reply["usage"]["completion_tokens"] == 5
     prompt_tokens = reply["usage"]["prompt_tokens"]
     longer = server.post("/v1/chat/completions", chat_body(content="Hello Hello Hello", max_tokens=5)).json()
@@ -62,6 +65,7 @@ def test_stream_shape_and_usage(server: LiveServer):
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1])  # null until the last, as OpenAI
     plain = server.post("/v1/chat/completions", chat_body(max_tokens=6)).json()
     assert text == plain["choices"][0]["message"]["content"]  # greedy: same text either way
 
@@ -72,7 +76,25 @@ def test_text_completion_stream(server: LiveServer):
         events = list(sse_events(response))
     assert events[-1] == "[DONE]"
     assert events[-2]["choices"][0]["finish_reason"] == "length"
-    assert all(e["object"] == "text_completion.chunk" for e in events[:-1])
+    assert all(e["object"] == "text_completion" for e in events[:-1])  # OpenAI: same object as the reply
+    assert not any("usage" in e for e in events[:-1])  # not asked for
+    body["stream_options"] = {"include_usage": True}
+    with requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=30) as response:
+        events = list(sse_events(response))[:-1]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 5
+    assert not any("usage" in e for e in events[:-1])  # unlike chat chunks, never null: the spec says so
+
+
+def test_system_fingerprint_is_one_value_on_every_reply_and_chunk(server: LiveServer):
+    text = {"model": "tiny", "prompt": "Hello", "max_tokens": 3, "temperature": 0}
+    replies = [server.post("/v1/chat/completions", chat_body(max_tokens=3)).json(),
+               server.post("/v1/completions", text).json(), server.post("/v1/completions", text).json()]
+    for path, body in (("/v1/chat/completions", chat_body(max_tokens=3)), ("/v1/completions", text)):
+        with requests.post(server.url + path, json={**body, "stream": True}, stream=True, timeout=30) as response:
+            replies += [e for e in sse_events(response) if e != "[DONE]"]
+    fingerprints = {reply.get("system_fingerprint") for reply in replies}
+    assert len(fingerprints) == 1, fingerprints
+    assert re.fullmatch(r"fp_[0-9a-f]{10}", fingerprints.pop() or "")
 
 
 def test_tokens_leave_as_they_are_generated(server: LiveServer):
@@ -174,11 +196,18 @@ def test_required_tool_choice_returns_tool_call(make_server, models_dir):
     reply = server.post("/v1/chat/completions", body).json()
     choice = reply["choices"][0]
     assert choice["finish_reason"] == "tool_calls", reply
+    assert "refusal" in choice["message"] and choice["message"]["refusal"] is None
     call = choice["message"]["tool_calls"][0]
     assert call["function"]["name"] == "get_weather"
     assert json.loads(call["function"]["arguments"])["city"] in ("Paris", "Oslo")
     refused = server.post("/v1/chat/completions", chat_body(tools=[tool]))
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "tools"
+    with requests.post(server.url + "/v1/chat/completions", json={**body, "stream": True}, stream=True,
+                       timeout=30) as response:
+        chunks = [e for e in sse_events(response) if e != "[DONE]"]
+    streamed = next(d["tool_calls"] for d in (c["choices"][0]["delta"] for c in chunks) if d.get("tool_calls"))
+    assert streamed[0]["index"] == 0 and streamed[0]["function"] == call["function"]  # greedy: the same call
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
 def test_embeddings_one_normalised_vector_per_input_in_order(server: LiveServer):
@@ -230,3 +259,27 @@ def test_prefix_reuse_keeps_answers_identical(server: LiveServer):
     again = server.post("/v1/chat/completions", history).json()["choices"][0]["message"]["content"]
     assert again == first
     assert server.loader.evals - evals_before == 8  # 1 re-evaluated prompt token + 7 generated tokens
+
+
+def test_usage_counts_prompt_tokens_served_from_the_kv_cache(server: LiveServer):
+    body = chat_body(content="Hello Hello world", max_tokens=4)
+    first = server.post("/v1/chat/completions", body).json()["usage"]
+    assert first["prompt_tokens_details"] == {"cached_tokens": 0}
+    again = server.post("/v1/chat/completions", body).json()["usage"]
+    assert 0 < again["prompt_tokens_details"]["cached_tokens"] < again["prompt_tokens"] == first["prompt_tokens"]
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with requests.post(server.url + "/v1/chat/completions", json=stream, stream=True, timeout=30) as response:
+        streamed = [e for e in sse_events(response) if e != "[DONE]"][-1]["usage"]
+    assert streamed["prompt_tokens_details"] == again["prompt_tokens_details"]
+
+
+def test_text_parts_are_joined_with_newlines(server: LiveServer):
+    """As llama.cpp's server does: [{"text": "a"}, {"text": "b"}] reads as "a\\nb"."""
+    parts = chat_body(max_tokens=6)
+    parts["messages"][0]["content"] = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
+    joined = server.post("/v1/chat/completions", chat_body(content="Hello\nworld", max_tokens=6)).json()
+    glued = server.post("/v1/chat/completions", chat_body(content="Helloworld", max_tokens=6)).json()
+    assert joined["usage"]["prompt_tokens"] != glued["usage"]["prompt_tokens"]  # the test can tell them apart
+    reply = server.post("/v1/chat/completions", parts).json()
+    assert reply["usage"]["prompt_tokens"] == joined["usage"]["prompt_tokens"]
+    assert reply["choices"][0]["message"]["content"] == joined["choices"][0]["message"]["content"]

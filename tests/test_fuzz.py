@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import requests
-from conftest import LiveServer
+from conftest import LiveServer, check_response, sse_events
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -51,12 +51,16 @@ def fuzz_server(tmp_path_factory) -> LiveServer:
 
 
 def assert_well_formed(response: requests.Response) -> None:
+    """No 5xx but 503, no traceback, and every body and chunk in OpenAI's shape for its endpoint."""
     assert response.status_code < 500 or response.status_code == 503, response.text[:500]
     assert "Traceback" not in response.text
     if response.status_code >= 400:
         error = response.json()["error"]
         assert set(error) == {"message", "type", "param", "code"}, error
         assert isinstance(error["message"], str)
+    check_response(response)
+    if response.headers.get("Content-Type", "").startswith("text/event-stream"):
+        assert list(sse_events(response))[-1] == "[DONE]"
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)

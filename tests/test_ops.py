@@ -8,7 +8,7 @@ import time
 import openai
 import pytest
 import requests
-from conftest import LiveServer, chat_body
+from conftest import LiveServer, chat_body, sse_events
 from prometheus_client.parser import text_string_to_metric_families
 
 USER_KEY, ADMIN_KEY = "user-key-123", "admin-key-456"
@@ -27,7 +27,7 @@ def value(samples: dict, name: str, **labels) -> float:
 def test_metrics_count_requests_tokens_loads_and_unloads(server: LiveServer):
     server.post("/v1/completions", {"model": "tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0})
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 3, "stream": True}
-    assert b"[DONE]" in requests.post(server.url + "/v1/completions", json=body, timeout=30).content
+    assert list(sse_events(server.post("/v1/completions", body)))[-1] == "[DONE]"
     server.post("/admin/unload", {"model": "tiny"})
     server.post("/v1/completions", {"model": "nope", "prompt": "x"})
     samples = scrape(server)
