@@ -14,8 +14,8 @@ Concurrency model:
   only be delivered by the thread they are blocking).
 * Death: when the pipe reaches EOF (the worker exited: segfault, abort, kill -9, or a normal
   exit) the reader reaps the process, puts a ``WorkerCrashed`` (``WorkerClosed`` after
-  ``close``) into every waiting queue, so every blocked caller raises promptly, and fires
-  ``on_exit`` once. While requests are outstanding, a worker silent for ``worker_timeout``
+  ``close``) into every waiting queue, so every blocked caller raises promptly, after firing
+  ``on_exit`` once (so the owner has marked the instance gone before any caller can retry). While requests are outstanding, a worker silent for ``worker_timeout``
   seconds is killed, and the same follows. The worker sends a ``Heartbeat`` between decode
   steps when it has been quiet for a second, so only a wedged worker is ever that silent.
 * Load has no timeout of its own by default (a big model from a slow disk takes what it takes;
@@ -226,6 +226,8 @@ class Worker:
         self._send(p.Load(request_id, str(path), options), request_id)
         answer = self._wait(inbox, timeout, f"loading {path}")
         if isinstance(answer, p.LoadFailed):
+            with self._lock:
+                self._closing = True  # the worker exits after a failed load: expected, not a crash
             raise LoadError(answer.reason)
         self.info = answer.info
         log.info("worker loaded name=%s pid=%s path=%s n_ctx=%d parallel=%d", self.name, self.pid, path,
@@ -406,19 +408,20 @@ class Worker:
             self._dead = error
             waiters, self._waiters = self._waiters, {}
             self._progress.clear()
-        for inbox in waiters.values():
-            inbox.put(error)
         self.exit_info = info
         if self._stderr is not None:
             self._stderr.close()
         if self._conn is not None:
             self._conn.close()
         (log.info if expected else log.error)("worker exited name=%s %s", self.name, info.reason)
+        # The owner hears first, so a caller woken below that retries finds the instance already gone.
         if self.on_exit is not None:
             try:
                 self.on_exit(info)
             except Exception:
                 log.exception("on_exit callback failed")
+        for inbox in waiters.values():
+            inbox.put(error)
 
     def _exit_info(self, returncode: int) -> ExitInfo:
         with self._lock:
