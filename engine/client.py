@@ -15,8 +15,9 @@ Concurrency model:
 * Death: when the pipe reaches EOF (the worker exited: segfault, abort, kill -9, or a normal
   exit) the reader reaps the process, puts a ``WorkerCrashed`` (``WorkerClosed`` after
   ``close``) into every waiting queue, so every blocked caller raises promptly, after firing
-  ``on_exit`` once (so the owner has marked the instance gone before any caller can retry). While requests are outstanding, a worker silent for ``worker_timeout``
-  seconds is killed, and the same follows. The worker sends a ``Heartbeat`` between decode
+  ``on_exit`` once (so the owner has marked the instance gone before any caller can retry).
+  While requests are outstanding, a worker silent for ``worker_timeout`` seconds is killed,
+  and the same follows. The worker sends a ``Heartbeat`` between decode
   steps when it has been quiet for a second, so only a wedged worker is ever that silent.
 * Load has no timeout of its own by default (a big model from a slow disk takes what it takes;
   llama.cpp's progress arrives meanwhile); pass ``timeout`` to bound it.
