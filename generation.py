@@ -16,35 +16,20 @@ import codecs
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import llama_cpp
 from llama_cpp import _internals as internals
 from llama_cpp.llama_grammar import LlamaGrammar
 
+from engine.protocol import SamplingParams
+from engine.text import StopMatcher
 from errors import ContextLengthExceeded, InvalidRequest
 from llama_backend import token_piece
 
+__all__ = ["Generation", "Result", "SamplingParams", "context_size"]
+
 PENALTY_LAST_N = 64
-
-
-@dataclass
-class SamplingParams:
-    """Everything a request says about how to pick tokens."""
-
-    max_tokens: int | None = None
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    ignore_eos: bool = False
-    grammar: str | None = None
 
 
 @dataclass
@@ -83,7 +68,7 @@ class Generation:
         llama, params, result = self.llama, self.params, self.result
         vocab = llama._model.vocab
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = _StopMatcher(params.stop)
+        stops = StopMatcher(params.stop)
         try:
             cached = _eval_prompt(llama, self.prompt, self.should_stop)
             if cached is None:
@@ -220,39 +205,3 @@ def _compile_grammar(gbnf: str) -> LlamaGrammar:
         return LlamaGrammar.from_string(gbnf, verbose=False)
     except Exception as exc:  # llama.cpp reports grammar errors as a generic failure
         raise InvalidRequest(f"invalid grammar: {exc}", param="response_format") from None
-
-
-class _StopMatcher:
-    """Finds stop strings in streamed text, holding back only what could begin one."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Add ``text``; return what is safe to emit and whether a stop string was hit."""
-        if not self.stops:
-            return text, False
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        keep = self._partial_suffix()
-        out = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-    def _partial_suffix(self) -> int:
-        """Length of the longest tail of ``pending`` that is a proper prefix of a stop string."""
-        best = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.pending)), best, -1):
-                if self.pending.endswith(stop[:n]):
-                    best = n
-                    break
-        return best

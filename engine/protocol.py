@@ -1,0 +1,207 @@
+"""The messages between the server process and a model's worker process.
+
+Framing is ``multiprocessing.connection.Connection`` over a socket pair: each ``send`` is one
+length-prefixed pickle. Pickle is acceptable here because both ends are our own code, started
+by us, on one machine; nothing else can write to the socket pair (it is never bound to an
+address). Messages are small frozen dataclasses; keep them plain data (str, int, float, lists,
+dicts, numpy arrays) so that neither end ever unpickles a live object.
+
+Every message from the parent that expects an answer carries an ``id`` chosen by the parent;
+every answer carries the same ``id``. ``Ready``, ``Log`` and ``Heartbeat`` carry none.
+
+Parent to worker: ``Load``, ``Generate``, ``Cancel``, ``Embed``, ``Tokenize``, ``GetStats``,
+``Shutdown``.
+Worker to parent: ``Ready``, ``Progress``, ``Log``, ``Loaded``, ``LoadFailed``, ``Started``,
+``Delta``, ``Done``, ``Error``, ``Reply``, ``Heartbeat``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ErrorKind = Literal["invalid_request", "internal"]
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass
+class SamplingParams:
+    """Everything a request says about how to pick tokens."""
+
+    max_tokens: int | None = None
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    ignore_eos: bool = False
+    grammar: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How a worker loads its model; fixed for the worker's life."""
+
+    n_ctx: int = 2048
+    n_gpu_layers: int = 0
+    n_threads: int | None = None
+    n_batch: int = 512  # tokens per decode step, all sequences together
+    embedding: bool = False
+    parallel: int = 4  # sequences decoded together (slots)
+    prompt_cache_bytes: int = 128 * 2**20  # RAM for the KV state of conversations pushed out of a slot
+    extra: dict[str, Any] = field(default_factory=dict)  # more llama_cpp.Llama arguments
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the server needs to know about a loaded model."""
+
+    n_ctx: int  # usable context of one sequence (all of the KV cache)
+    n_ctx_train: int
+    n_vocab: int
+    n_embd: int
+    n_batch: int
+    parallel: int
+    embedding: bool
+    pooling_type: int
+    bos_token: int
+    eos_token: int
+    bos_text: str
+    eos_text: str
+    add_bos: bool
+    chat_template: str | None
+    metadata: dict[str, str]
+
+
+# ---- parent to worker ----
+
+@dataclass(frozen=True)
+class Load:
+    id: int
+    path: str
+    options: ModelOptions
+
+
+@dataclass(frozen=True)
+class Generate:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class Cancel:
+    id: int
+
+
+@dataclass(frozen=True)
+class Embed:
+    id: int
+    inputs: list[list[int]]
+
+
+@dataclass(frozen=True)
+class Tokenize:
+    id: int
+    text: str
+    add_special: bool
+    parse_special: bool
+
+
+@dataclass(frozen=True)
+class GetStats:
+    id: int
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+# ---- worker to parent ----
+
+@dataclass(frozen=True)
+class Ready:
+    """The interpreter is up and llama_cpp imported: a warm spare waiting for its ``Load``."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class Progress:
+    id: int
+    fraction: float
+
+
+@dataclass(frozen=True)
+class Log:
+    """One line of llama.cpp's native log; ``level`` is a ``logging`` level."""
+
+    level: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Loaded:
+    id: int
+    info: ModelInfo
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    """The load failed; ``reason`` is llama.cpp's last warning or error line. The worker then exits."""
+
+    id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Started:
+    """A generation has a slot; ``cached_tokens`` of its prompt were reused rather than decoded."""
+
+    id: int
+    prompt_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    id: int
+    completion_tokens: int
+    finish_reason: FinishReason
+    first_token_at: float | None  # time.monotonic() in the worker: CLOCK_MONOTONIC, the same clock on Linux
+
+
+@dataclass(frozen=True)
+class Error:
+    """A request failed; the worker carries on. ``kind`` says how the parent should report it."""
+
+    id: int
+    kind: ErrorKind
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The answer to ``Embed`` (a list of float32 arrays), ``Tokenize`` (a list of ids) or ``GetStats`` (a dict)."""
+
+    id: int
+    value: Any
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Sent between decode steps when nothing else was sent for a while: the worker is alive and busy."""

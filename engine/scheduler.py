@@ -1,0 +1,444 @@
+"""The slot loop: many sequences, one ``llama_decode`` per step (continuous batching).
+
+Concurrency model: none inside. The scheduler lives on the worker's one thread, which
+alternates between draining the pipe (``submit``/``cancel``, never blocking while work is in
+flight) and calling ``step``. A single thread needs no locks around the model, the slots or
+the pipe, and loses nothing: a message can only be acted on between two decodes anyway, so
+cancellation takes effect within one step either way. A reader thread would add a queue and a
+lock to reach the same point.
+
+Each ``step``:
+
+1. Admits queued requests into idle slots. A request takes the idle slot whose cached tokens
+   share the longest prefix with its prompt and keeps that prefix's KV (``cached_tokens``). When
+   the RAM prompt cache holds a longer prefix than any slot, that state is restored into the
+   least recently used idle slot. A slot's previous conversation, when the new prompt does not
+   extend it, is first saved to the RAM cache (bounded by bytes, least recently used out).
+2. Plans one batch: the pending token of every generating sequence, then prompt chunks of
+   sequences still prefilling, oldest first, up to ``n_batch`` tokens in all.
+3. Decodes once, samples every sequence whose last pending token was in the batch from its own
+   logits row, streams its text, and finishes it on EOG, a stop string, ``max_tokens`` or cancel.
+
+KV memory is one unified cache of ``n_ctx`` cells for all sequences (see ``llama_adapter``), so
+one sequence may use the whole context. The scheduler keeps the sum of the slots' tokens within
+it: idle slots are evicted (to the RAM cache) first; when active sequences alone do not fit, the
+most recently admitted one is preempted: its KV is dropped and it goes back to the front of the
+queue with its tokens so far and its sampler, to be prefilled again (recompute) when room returns.
+The oldest sequence always progresses, so every sequence eventually finishes. A prompt that
+leaves no room in the context is refused at submission; ``max_tokens`` is clamped to the room.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine import protocol as p
+from engine.llama_adapter import LoadedModel, SamplerError, SequenceSampler
+from engine.text import TextStream
+
+log = logging.getLogger(__name__)
+
+MIN_CACHED_TOKENS = 8  # a conversation shorter than this is cheaper to prefill again than to keep
+
+
+@dataclass
+class Sequence:
+    """One generation request in flight: its tokens so far, sampler and text state."""
+
+    id: int
+    prompt_tokens: int
+    params: p.SamplingParams
+    sampler: SequenceSampler
+    text: TextStream
+    max_tokens: int
+    tokens: list[int]  # prompt + sampled tokens; the last one may still await its decode
+    order: int  # admission order: the oldest progresses first, the newest is preempted first
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+    started: bool = False
+
+
+@dataclass
+class Slot:
+    """One KV sequence id; ``cache`` lists the tokens it holds, at positions 0..len-1."""
+
+    seq: int
+    cache: list[int] = field(default_factory=list)
+    request: Sequence | None = None
+    last_used: int = 0
+
+    def pending(self) -> int:
+        assert self.request is not None
+        return len(self.request.tokens) - len(self.cache)
+
+
+@dataclass
+class _Entry:
+    tokens: list[int]
+    data: bytes
+
+
+class PromptCache:
+    """KV states of conversations pushed out of their slot, least recently used out first."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self._next_key = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, tokens: list[int], data: bytes) -> bool:
+        """Keep ``data`` for ``tokens`` unless it alone exceeds the budget; entries it extends go."""
+        if not data or len(data) > self.max_bytes:
+            return False
+        for key, entry in list(self._entries.items()):
+            if tokens[: len(entry.tokens)] == entry.tokens:
+                self._remove(key)
+        while self.bytes + len(data) > self.max_bytes:
+            self._remove(next(iter(self._entries)))
+        self._entries[self._next_key] = _Entry(list(tokens), data)
+        self._next_key += 1
+        self.bytes += len(data)
+        return True
+
+    def best(self, prompt: list[int]) -> tuple[int | None, int]:
+        """The entry sharing the longest prefix with ``prompt``, and that length."""
+        best_key, best_len = None, 0
+        for key, entry in self._entries.items():
+            n = common_prefix(entry.tokens, prompt)
+            if n > best_len:
+                best_key, best_len = key, n
+        return best_key, best_len
+
+    def pop(self, key: int) -> _Entry:
+        entry = self._entries[key]
+        self._remove(key)
+        return entry
+
+    def _remove(self, key: int) -> None:
+        self.bytes -= len(self._entries.pop(key).data)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Scheduler:
+    """Slots, a queue and the step loop for one loaded model. See the module docstring."""
+
+    def __init__(self, model: LoadedModel, send: Callable[[Any], None], parallel: int,
+                 prompt_cache_bytes: int) -> None:
+        self.model = model
+        self.send = send
+        self.slots = [Slot(seq) for seq in range(max(1, parallel))]
+        self.queue: deque[Sequence] = deque()
+        self.cache = PromptCache(prompt_cache_bytes)
+        self.kv_size = model.n_ctx
+        self._clock = 0  # steps and admissions, for LRU order
+        self._order = 0
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("steps", "decoded_tokens", "multi_sequence_steps", "mixed_steps", "max_sequences_in_step",
+             "prefill_chunks", "preemptions", "kv_full", "cache_saves", "cache_restores", "cached_tokens"), 0)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue) or any(slot.request for slot in self.slots)
+
+    def snapshot(self) -> dict[str, int]:
+        """Counters for tests and the status page."""
+        active = sum(1 for slot in self.slots if slot.request)
+        return {**self.stats, "active": active, "queued": len(self.queue), "prompt_cache_entries": len(self.cache),
+                "prompt_cache_bytes": self.cache.bytes, "kv_used": self._kv_used()}
+
+    # ---- requests ----
+
+    def submit(self, message: p.Generate) -> None:
+        """Queue a generation, or answer with an ``Error`` at once when it cannot run."""
+        prompt = list(message.prompt)
+        error = self._judge(prompt)
+        if error is not None:
+            self.send(p.Error(message.id, "invalid_request", error[0], param="prompt", code=error[1]))
+            return
+        try:
+            sampler = self.model.sampler(message.params)
+        except SamplerError as exc:
+            self.send(p.Error(message.id, "invalid_request", str(exc), param=exc.param))
+            return
+        room = self.kv_size - len(prompt)
+        limit = message.params.max_tokens
+        max_tokens = room if limit is None else max(0, min(limit, room))
+        self._order += 1
+        self.queue.append(Sequence(message.id, len(prompt), message.params, sampler, TextStream(message.params.stop),
+                                   max_tokens, prompt, self._order))
+
+    def _judge(self, prompt: list[int]) -> tuple[str, str | None] | None:
+        if not prompt:
+            return "the prompt is empty", None
+        if not all(self.model.valid_token(t) for t in prompt):
+            return f"prompt token ids must be between 0 and {self.model.n_vocab - 1}", None
+        if len(prompt) >= self.kv_size:
+            return (f"This model's context window is {self.kv_size} tokens; the prompt has {len(prompt)} tokens, "
+                    "leaving no room for a completion"), "context_length_exceeded"
+        return None
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a request now: queued or active, it ends with ``finish_reason="cancelled"``."""
+        for request in self.queue:
+            if request.id == request_id:
+                self.queue.remove(request)
+                request.sampler.close()
+                self.send(p.Done(request.id, request.completion_tokens, "cancelled", request.first_token_at))
+                return
+        for slot in self.slots:
+            if slot.request is not None and slot.request.id == request_id:
+                self._finish(slot, "cancelled")
+                return
+
+    # ---- the step ----
+
+    def step(self) -> None:
+        """Admit, plan one batch, decode it once, sample and stream. See the module docstring."""
+        self._clock += 1
+        self._admit()
+        plan = self._plan()
+        if not plan:
+            return
+        logits_rows = self._fill_batch(plan)
+        rc = self.model.decode()
+        if rc != 0:
+            self._decode_failed(plan, rc)
+            return
+        self._count(plan)
+        for slot, n in plan:
+            request = slot.request
+            assert request is not None
+            slot.cache.extend(request.tokens[len(slot.cache): len(slot.cache) + n])
+            slot.last_used = self._clock
+            row = logits_rows.get(slot.seq)
+            if row is not None:
+                self._sampled(slot, request.sampler.sample(row))
+
+    def _fill_batch(self, plan: list[tuple[Slot, int]]) -> dict[int, int]:
+        """Write the plan into the batch; return the logits row of each sequence that samples."""
+        batch = self.model.batch
+        batch.clear()
+        rows: dict[int, int] = {}
+        for slot, n in plan:
+            request = slot.request
+            assert request is not None
+            start = len(slot.cache)
+            last = start + n == len(request.tokens)
+            for position in range(start, start + n):
+                index = batch.add(request.tokens[position], position, slot.seq, last and position == start + n - 1)
+            if last:
+                rows[slot.seq] = index
+        return rows
+
+    def _count(self, plan: list[tuple[Slot, int]]) -> None:
+        stats = self.stats
+        stats["steps"] += 1
+        stats["decoded_tokens"] += sum(n for _, n in plan)
+        stats["max_sequences_in_step"] = max(stats["max_sequences_in_step"], len(plan))
+        if len(plan) > 1:
+            stats["multi_sequence_steps"] += 1
+        chunks = sum(1 for _, n in plan if n > 1)
+        stats["prefill_chunks"] += chunks
+        if chunks and any(n == 1 and slot.request and slot.request.completion_tokens for slot, n in plan):
+            stats["mixed_steps"] += 1  # a prompt chunk decoded beside a generating sequence
+
+    def _sampled(self, slot: Slot, token: int) -> None:
+        request = slot.request
+        assert request is not None
+        if self.model.is_eog(token) and not request.params.ignore_eos:
+            self._finish(slot, "stop")
+            return
+        request.completion_tokens += 1
+        if request.first_token_at is None:
+            request.first_token_at = time.monotonic()
+        text, stopped = request.text.feed(self.model.piece(token))
+        if text:
+            self.send(p.Delta(request.id, text))
+        if stopped:
+            self._finish(slot, "stop")
+        elif request.completion_tokens >= request.max_tokens:
+            self._finish(slot, "length")
+        else:
+            request.tokens.append(token)
+
+    def _finish(self, slot: Slot, reason: p.FinishReason) -> None:
+        """End the slot's request; its KV stays in the slot for the next request's prefix."""
+        request = slot.request
+        assert request is not None
+        slot.request = None
+        slot.last_used = self._clock
+        request.sampler.close()
+        if reason != "cancelled":
+            tail = request.text.flush()
+            if tail:
+                self.send(p.Delta(request.id, tail))
+        self.send(p.Done(request.id, request.completion_tokens, reason, request.first_token_at))
+
+    def _fail(self, slot: Slot, message: str) -> None:
+        request = slot.request
+        assert request is not None
+        slot.request = None
+        request.sampler.close()
+        self.send(p.Error(request.id, "internal", message))
+
+    def _decode_failed(self, plan: list[tuple[Slot, int]], rc: int) -> None:
+        if rc == 1:  # no room for the batch: llama.cpp left the memory as it was
+            self.stats["kv_full"] += 1
+            if not self._preempt_newest(keep_one=True):
+                slot = plan[0][0]
+                self._fail(slot, "the KV cache has no room for this sequence")
+                self._drop_kv(slot)
+            return
+        # A failed or aborted decode may leave part of the batch in memory: drop those sequences' KV.
+        log.error("llama_decode returned %d for a batch of %d tokens", rc, len(self.model.batch))
+        for slot, _ in plan:
+            self._drop_kv(slot)
+            if slot.request is not None:
+                self._fail(slot, f"llama_decode returned {rc}")
+
+    # ---- admission ----
+
+    def _admit(self) -> None:
+        while self.queue:
+            idle = [slot for slot in self.slots if slot.request is None]
+            if not idle:
+                return
+            request = self.queue.popleft()
+            slot = self._choose_slot(idle, request.tokens)
+            cached = self._reuse(slot, request.tokens)
+            slot.request = request
+            slot.last_used = self._clock
+            if not request.started:
+                request.started = True
+                self.stats["cached_tokens"] += cached
+                self.send(p.Started(request.id, request.prompt_tokens, cached))
+            if request.max_tokens == 0:
+                self._finish(slot, "length")
+
+    def _choose_slot(self, idle: list[Slot], prompt: list[int]) -> Slot:
+        """The idle slot sharing the longest prefix; else the least recently used (empty ones first)."""
+        best = max(idle, key=lambda s: (common_prefix(s.cache, prompt), -s.last_used))
+        if common_prefix(best.cache, prompt) == 0:
+            best = min(idle, key=lambda s: (bool(s.cache), s.last_used))
+        return best
+
+    def _reuse(self, slot: Slot, prompt: list[int]) -> int:
+        """Prepare ``slot`` for ``prompt``: keep the longest usable cached prefix; return its length."""
+        shared = common_prefix(slot.cache, prompt)
+        key, cached_len = self.cache.best(prompt)
+        if key is not None and cached_len > shared and cached_len >= MIN_CACHED_TOKENS:
+            self._evict(slot)
+            shared = self._restore(slot, key, prompt)
+        elif shared < len(slot.cache) and shared < MIN_CACHED_TOKENS:
+            self._evict(slot)  # little in common: keep the old conversation whole in RAM instead
+            shared = 0
+        elif shared < len(slot.cache):
+            self._save(slot)  # the cut below loses the old conversation's tail
+        keep = min(shared, len(prompt) - 1)  # decode at least one token, for fresh logits
+        if keep < len(slot.cache) and not self.model.seq_rm(slot.seq, keep, -1):
+            self._drop_kv(slot)  # this memory cannot cut mid-sequence (e.g. sliding window)
+            keep = 0
+        del slot.cache[keep:]
+        return keep
+
+    def _restore(self, slot: Slot, key: int, prompt: list[int]) -> int:
+        entry = self.cache.pop(key)
+        self._make_room(len(entry.tokens), exclude=slot)
+        if not self.model.state_set(slot.seq, entry.data):
+            self._drop_kv(slot)
+            return 0
+        slot.cache = list(entry.tokens)
+        self.stats["cache_restores"] += 1
+        return common_prefix(slot.cache, prompt)
+
+    # ---- KV room ----
+
+    def _kv_used(self) -> int:
+        return sum(len(slot.cache) for slot in self.slots)
+
+    def _plan(self) -> list[tuple[Slot, int]]:
+        """The batch of this step: (slot, tokens to decode), generating sequences first."""
+        while True:
+            active = sorted((s for s in self.slots if s.request), key=lambda s: s.request.order)  # type: ignore[union-attr]
+            if not active:
+                return []
+            generating = [s for s in active if s.pending() == 1]
+            self._make_room(len(generating))
+            if self.kv_size - self._kv_used() < len(generating):
+                self._preempt_newest(keep_one=True)
+                continue
+            plan = [(s, 1) for s in generating]
+            planned = len(plan)
+            for slot in active:
+                pending = slot.pending()
+                if pending <= 1:
+                    continue
+                want = min(pending, self.model.n_batch - planned)
+                if want <= 0:
+                    break
+                self._make_room(planned + want)
+                n = min(want, self.kv_size - self._kv_used() - planned)
+                if n <= 0:
+                    break
+                plan.append((slot, n))
+                planned += n
+            if plan:
+                return plan
+            if not self._preempt_newest(keep_one=True):  # the oldest alone fits by construction
+                self._fail(active[0], "the KV cache has no room for this sequence")
+                self._drop_kv(active[0])
+
+    def _make_room(self, cells: int, exclude: Slot | None = None) -> None:
+        """Evict idle slots, least recently used first, until ``cells`` are free (or none is left)."""
+        idle = sorted((s for s in self.slots if s.request is None and s.cache and s is not exclude),
+                      key=lambda s: s.last_used)
+        for slot in idle:
+            if self.kv_size - self._kv_used() >= cells:
+                break
+            self._evict(slot)
+
+    def _preempt_newest(self, keep_one: bool) -> bool:
+        """Send the most recently admitted active sequence back to the queue, dropping its KV."""
+        active = [s for s in self.slots if s.request]
+        if not active or (keep_one and len(active) == 1):
+            return False
+        slot = max(active, key=lambda s: s.request.order)  # type: ignore[union-attr]
+        request = slot.request
+        assert request is not None
+        log.info("preempting request %d (%d tokens): the KV cache is full", request.id, len(request.tokens))
+        slot.request = None
+        self._drop_kv(slot)
+        self.queue.appendleft(request)
+        self.stats["preemptions"] += 1
+        return True
+
+    def _evict(self, slot: Slot) -> None:
+        """Save an idle slot's conversation to the RAM cache and free its KV."""
+        self._save(slot)
+        self._drop_kv(slot)
+
+    def _save(self, slot: Slot) -> None:
+        if len(slot.cache) >= MIN_CACHED_TOKENS and self.cache.max_bytes > 0 \
+                and self.cache.put(slot.cache, self.model.state_get(slot.seq)):
+            self.stats["cache_saves"] += 1
+
+    def _drop_kv(self, slot: Slot) -> None:
+        self.model.seq_clear(slot.seq)
+        slot.cache = []

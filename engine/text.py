@@ -1,0 +1,58 @@
+"""From token bytes to text deltas: incremental UTF-8 and stop strings with holdback."""
+
+from __future__ import annotations
+
+import codecs
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text, holding back only what could begin one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Add ``text``; return what is safe to emit and whether a stop string was hit."""
+        if not self.stops:
+            return text, False
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        keep = self._partial_suffix()
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+    def _partial_suffix(self) -> int:
+        """Length of the longest tail of ``pending`` that is a proper prefix of a stop string."""
+        best = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.pending)), best, -1):
+                if self.pending.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
+
+
+class TextStream:
+    """Token bytes in, safe text out: never splits a multi-byte character, never leaks a stop string."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stops = StopMatcher(stops)
+
+    def feed(self, piece: bytes) -> tuple[str, bool]:
+        """Add one token's bytes; return the text now safe to emit and whether a stop string was hit."""
+        return self._stops.feed(self._decoder.decode(piece))
+
+    def flush(self) -> str:
+        """What is held back at the end (an incomplete character becomes U+FFFD)."""
+        text, _ = self._stops.feed(self._decoder.decode(b"", final=True))
+        return text + self._stops.flush()

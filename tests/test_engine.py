@@ -1,0 +1,350 @@
+"""The engine on real models in real worker processes: batching, prefill, caches, crashes, errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+import pytest
+from gguf_factory import write_not_gguf
+
+from engine.client import ExitInfo, LoadError, RequestFailed, Stream, Worker, WorkerCrashed
+from engine.protocol import ModelOptions, SamplingParams
+from generation import Generation
+
+ROOT = Path(__file__).resolve().parent.parent
+JOIN_TIMEOUT = 30
+GREEDY = SamplingParams(temperature=0)
+STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
+
+
+def greedy(max_tokens: int, **extra: Any) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, **extra)
+
+
+def drain(stream: Stream, timeout: float = JOIN_TIMEOUT) -> str:
+    """Read a stream to its end on a thread joined with a timeout; re-raise what it raised."""
+    parts: list[str] = []
+    failure: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            parts.extend(stream)
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "the stream hung"
+    if failure:
+        raise failure[0]
+    return "".join(parts)
+
+
+@pytest.fixture
+def make_worker(stories_path: Path) -> Iterator[Callable[..., Worker]]:
+    """Start workers on stories260K (or no model); each is closed at teardown."""
+    workers: list[Worker] = []
+
+    def start(load: bool = True, path: Path = stories_path, **options: Any) -> Worker:
+        worker = Worker(name="test", worker_timeout=options.pop("worker_timeout", 60.0),
+                        on_exit=options.pop("on_exit", None))
+        workers.append(worker)
+        worker.start()
+        if load:
+            worker.load(path, ModelOptions(**{"n_ctx": 2048, "n_threads": 1, **options}))
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.close()
+
+
+def test_greedy_generation_matches_in_process_generation(make_worker: Callable[..., Worker],
+                                                          stories_path: Path) -> None:
+    worker = make_worker()
+    prompt = worker.tokenize("Once upon a time")
+    stream = worker.generate(prompt, greedy(40))
+    text = drain(stream)
+
+    llama = llama_cpp.Llama(model_path=str(stories_path), n_ctx=2048, n_threads=1, verbose=False)
+    try:
+        expected = "".join(Generation(llama, prompt, greedy(40), {}))
+    finally:
+        llama.close()
+    assert text.startswith(", there was a little girl named Lily")
+    assert text == expected
+    assert (stream.result.prompt_tokens, stream.result.completion_tokens) == (len(prompt), 40)
+    assert stream.result.finish_reason == "length"
+    assert stream.result.first_token_at is not None
+
+
+def test_four_concurrent_streams_match_their_solo_text_and_share_decode_steps(
+        make_worker: Callable[..., Worker]) -> None:
+    worker = make_worker(parallel=4)
+    prompts = [worker.tokenize(t) for t in ("Once upon a time", "The dog", "Lily was", "Tom and Ben")]
+    alone = [drain(worker.generate(p, greedy(48))) for p in prompts]
+    before = worker.stats()
+
+    streams = [worker.generate(p, greedy(48)) for p in prompts]  # all in flight before any is read
+    together = [drain(s) for s in streams]
+
+    after = worker.stats()
+    assert together == alone
+    assert after["max_sequences_in_step"] == 4
+    steps = after["steps"] - before["steps"]
+    # One after another would take 4 x 48 steps; batched they take about 48.
+    assert steps < 2 * 48, steps
+    assert after["multi_sequence_steps"] - before["multi_sequence_steps"] >= 40
+
+
+def test_long_prompt_is_prefilled_in_chunks_while_another_sequence_generates(
+        make_worker: Callable[..., Worker]) -> None:
+    worker = make_worker(n_batch=64)
+    short = worker.generate(worker.tokenize("Once upon a time"), greedy(900))
+    arrivals: list[float] = []
+    reader_failed: list[BaseException] = []
+
+    def read_short() -> None:
+        try:
+            for _delta in short:
+                arrivals.append(time.monotonic())
+        except BaseException as exc:
+            reader_failed.append(exc)
+
+    reader = threading.Thread(target=read_short)
+    reader.start()
+    while len(arrivals) < 3 and reader.is_alive():
+        time.sleep(0.001)
+    long_prompt = worker.tokenize(STORY * 40)
+    assert len(long_prompt) > 15 * 64
+    submitted = time.monotonic()
+    long = worker.generate(long_prompt, greedy(4))
+    drain(long)
+    reader.join(JOIN_TIMEOUT)
+    assert not reader.is_alive() and not reader_failed
+
+    assert long.result.first_token_at is not None
+    during_prefill = [t for t in arrivals if submitted < t < long.result.first_token_at]
+    assert len(during_prefill) >= 10, len(during_prefill)
+    stats = worker.stats()
+    assert stats["prefill_chunks"] >= len(long_prompt) // 64
+    assert stats["mixed_steps"] >= 10
+
+
+def test_cancel_stops_a_stream_and_frees_its_slot_for_the_next_request(make_worker: Callable[..., Worker]) -> None:
+    worker = make_worker(parallel=1)
+    first = worker.generate(worker.tokenize("Once upon a time"), greedy(None))
+    waiting = worker.generate(worker.tokenize("The dog"), greedy(8))  # queued: the one slot is taken
+    next(first)
+    first.cancel()
+    drain(first)
+    assert first.result.finish_reason == "cancelled"
+    assert first.result.completion_tokens < 500  # it would have run to the end of the context
+    assert drain(waiting)
+    assert waiting.result.finish_reason == "length"
+    assert worker.stats()["active"] == 0
+
+
+def test_cancel_of_a_queued_request_ends_it_without_a_slot(make_worker: Callable[..., Worker]) -> None:
+    worker = make_worker(parallel=1)
+    running = worker.generate(worker.tokenize("Once upon a time"), greedy(200))
+    queued = worker.generate(worker.tokenize("The dog"), greedy(200))
+    queued.cancel()
+    assert drain(queued) == ""
+    assert queued.result.finish_reason == "cancelled"
+    assert drain(running)
+    assert running.result.finish_reason == "length"
+
+
+def test_a_prompt_sharing_a_prefix_reports_cached_tokens(make_worker: Callable[..., Worker]) -> None:
+    worker = make_worker()
+    prefix = worker.tokenize(STORY)
+    first = worker.generate(prefix, greedy(8))
+    drain(first)
+    assert first.result.cached_tokens == 0
+    second = worker.generate(prefix + worker.tokenize("One day", add_special=False), greedy(8))
+    text = drain(second)
+    assert second.result.cached_tokens >= len(prefix)
+
+    fresh = make_worker()
+    assert drain(fresh.generate(prefix + worker.tokenize("One day", add_special=False), greedy(8))) == text
+
+
+def test_alternating_conversations_restore_the_first_from_the_ram_cache(make_worker: Callable[..., Worker]) -> None:
+    worker = make_worker(parallel=1)
+    a_prompt = worker.tokenize(STORY)
+    a_text = drain(worker.generate(a_prompt, greedy(16)))
+    drain(worker.generate(worker.tokenize("Tom and Ben went to the zoo. They saw a big lion."), greedy(16)))
+    a_again = worker.tokenize(STORY + a_text + " The end.")
+
+    third = worker.generate(a_again, greedy(16))
+    text = drain(third)
+
+    stats = worker.stats()
+    assert stats["cache_saves"] >= 1 and stats["cache_restores"] == 1
+    assert third.result.cached_tokens >= len(a_prompt)
+    assert drain(make_worker().generate(a_again, greedy(16))) == text  # the restored state is the real one
+
+
+def test_sequences_that_overflow_the_kv_cache_together_are_preempted_not_garbled(
+        make_worker: Callable[..., Worker]) -> None:
+    worker = make_worker(n_ctx=256, parallel=2)
+    prompts = [worker.tokenize(STORY * 4), worker.tokenize("Tom and Ben went to the zoo. " * 6)]
+    alone = [drain(worker.generate(p, greedy(100))) for p in prompts]
+    assert sum(len(p) + 100 for p in prompts) > 256
+
+    streams = [worker.generate(p, greedy(100)) for p in prompts]
+    together = [drain(s) for s in streams]
+
+    assert together == alone
+    assert worker.stats()["preemptions"] >= 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV])
+def test_a_worker_killed_mid_stream_fails_its_streams_promptly(make_worker: Callable[..., Worker],
+                                                               sig: signal.Signals) -> None:
+    exits: list[ExitInfo] = []
+    worker = make_worker(parallel=1, on_exit=exits.append)
+    running = worker.generate(worker.tokenize("Once upon a time"), greedy(None))
+    queued = worker.generate(worker.tokenize("The dog"), greedy(None))
+    next(running)
+    assert worker.pid is not None
+    os.kill(worker.pid, sig)
+    started = time.monotonic()
+    for stream in (running, queued):
+        with pytest.raises(WorkerCrashed, match=sig.name):
+            drain(stream, timeout=10)
+    assert time.monotonic() - started < 5
+    assert [(e.signal, e.expected) for e in exits] == [(sig.name, False)]
+    with pytest.raises(WorkerCrashed):
+        worker.generate([1, 2, 3], GREEDY)
+
+
+def test_a_silent_worker_is_killed_after_worker_timeout(make_worker: Callable[..., Worker]) -> None:
+    exits: list[ExitInfo] = []
+    worker = make_worker(worker_timeout=1.0, on_exit=exits.append)
+    assert worker.pid is not None
+    os.kill(worker.pid, signal.SIGSTOP)  # wedged: alive, silent
+    stream = worker.generate([1, 403], greedy(8))
+    with pytest.raises(WorkerCrashed, match="did not answer"):
+        drain(stream, timeout=10)
+    assert exits and exits[0].signal == "SIGKILL"
+
+
+def test_a_prompt_longer_than_the_context_gets_a_clear_error(make_worker: Callable[..., Worker]) -> None:
+    worker = make_worker(n_ctx=256)
+    prompt = worker.tokenize(STORY * 20)
+    with pytest.raises(RequestFailed) as failure:
+        drain(worker.generate(prompt, GREEDY))
+    assert failure.value.kind == "invalid_request"
+    assert failure.value.code == "context_length_exceeded"
+    assert "256" in failure.value.message
+    assert drain(worker.generate(worker.tokenize("Once upon a time"), greedy(4)))
+
+
+def test_a_bad_grammar_is_an_invalid_request_and_the_worker_keeps_serving(
+        make_worker: Callable[..., Worker]) -> None:
+    worker = make_worker()
+    prompt = worker.tokenize("Once upon a time")
+    with pytest.raises(RequestFailed) as failure:
+        drain(worker.generate(prompt, greedy(8, grammar="root ::= undefined-rule")))
+    assert (failure.value.kind, failure.value.param) == ("invalid_request", "grammar")
+    assert drain(worker.generate(prompt, greedy(8, grammar='root ::= " yes" | " no"'))) in {" yes", " no"}
+    assert drain(worker.generate(prompt, greedy(8))).startswith(", there was")
+
+
+def test_stop_strings_are_held_back_and_cut(make_worker: Callable[..., Worker]) -> None:
+    worker = make_worker()
+    stream = worker.generate(worker.tokenize("Once upon a time"), greedy(40, stop=["Lily"]))
+    assert drain(stream) == ", there was a little girl named "
+    assert stream.result.finish_reason == "stop"
+
+
+def test_a_warm_spare_waits_for_its_load(make_worker: Callable[..., Worker], stories_path: Path) -> None:
+    worker = make_worker(load=False)
+    assert worker.alive and worker.pid is not None
+    with pytest.raises(RequestFailed, match="no model"):
+        worker.tokenize("hello")
+    progress: list[float] = []
+    info = worker.load(stories_path, ModelOptions(n_ctx=1024, n_threads=1), on_progress=progress.append)
+    assert (info.n_ctx, info.n_vocab, info.bos_text, info.eos_text) == (1024, 512, "<s>", "</s>")
+    assert progress and progress[-1] == 1.0
+    assert drain(worker.generate(worker.tokenize("Once upon a time"), greedy(8))).startswith(", there was")
+
+
+def test_a_failed_load_raises_llama_cpp_reason(make_worker: Callable[..., Worker], tmp_path: Path) -> None:
+    exits: list[ExitInfo] = []
+    worker = make_worker(load=False, on_exit=exits.append)
+    path = tmp_path / "broken.gguf"
+    write_not_gguf(path)
+    with pytest.raises(LoadError, match=r"(?i)gguf|magic|failed"):
+        worker.load(path, ModelOptions(n_ctx=512, n_threads=1))
+    deadline = time.monotonic() + 10
+    while not exits and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert exits and exits[0].expected  # a worker whose load failed exits, and that is no crash
+
+
+def test_embeddings_match_in_process_mean_pooling(make_worker: Callable[..., Worker], stories_path: Path) -> None:
+    worker = make_worker(embedding=True, n_ctx=512)
+    inputs = [worker.tokenize("Once upon a time"), worker.tokenize("The dog ran")]
+    vectors = worker.embed(inputs)
+
+    llama = llama_cpp.Llama(model_path=str(stories_path), n_ctx=512, n_threads=1, embedding=True, verbose=False)
+    try:
+        expected = [np.asarray(llama.embed(llama.detokenize(t).decode(), normalize=False)).mean(axis=0)
+                    for t in inputs]
+    finally:
+        llama.close()
+    assert [v.shape for v in vectors] == [(64,), (64,)]
+    for got, want in zip(vectors, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RequestFailed, match="embeddings"):
+        drain(worker.generate(inputs[0], GREEDY))
+
+
+ORPHAN_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from engine.client import Worker
+from engine.protocol import ModelOptions, SamplingParams
+worker = Worker(name="orphan")
+worker.start()
+worker.load({model!r}, ModelOptions(n_ctx=2048, n_threads=1))
+if {generating!r}:
+    stream = worker.generate(worker.tokenize("Once upon a time"), SamplingParams(temperature=0))
+    next(stream)
+print(worker.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("generating", [False, True], ids=["idle", "generating"])
+def test_a_worker_whose_parent_dies_exits(stories_path: Path, generating: bool) -> None:
+    script = ORPHAN_SCRIPT.format(root=str(ROOT), model=str(stories_path), generating=generating)
+    parent = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert parent.returncode == -signal.SIGKILL, parent.stderr
+    pid = int(parent.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while _running(pid):
+        assert time.monotonic() < deadline, f"orphaned worker {pid} is still running"
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
