@@ -21,6 +21,7 @@ from typing import Any
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
+from engine.protocol import ModelInfo
 from errors import InvalidRequest
 from schemas import ChatCompletionRequest
 
@@ -47,15 +48,12 @@ class ChatPrompt:
 class ChatTemplate:
     """A model's chat template, compiled once per loaded model."""
 
-    def __init__(self, llama: Any, override: str | None = None) -> None:
-        template = override or llama.metadata.get("tokenizer.chat_template")
+    def __init__(self, info: ModelInfo, override: str | None = None) -> None:
+        template = override or info.chat_template
         self.is_fallback = not template
         self.source = template or FALLBACK_TEMPLATE
-        model = llama._model
-        bos, eos = llama.token_bos(), llama.token_eos()
-        self.bos_text = model.token_get_text(bos) if bos >= 0 else ""
-        eos_text = model.token_get_text(eos) if eos >= 0 else ""
-        self.formatter = Jinja2ChatFormatter(self.source, eos_token=eos_text, bos_token=self.bos_text)
+        self.bos_text = info.bos_text
+        self.formatter = Jinja2ChatFormatter(self.source, eos_token=info.eos_text, bos_token=self.bos_text)
         self.stops = list(FALLBACK_STOPS) if self.is_fallback else []
         self.supports_tools = "tools" in self.source
 

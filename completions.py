@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -29,9 +30,9 @@ from flask import Response
 
 import sse
 from chat_format import ChatTemplate, extract_tool_calls
-from errors import InvalidRequest, ServiceError
+from engine.client import RequestFailed, Stream, WorkerCrashed
+from errors import ContextLengthExceeded, InferenceFailed, InvalidRequest, ModelCrashed, ServiceError
 from fingerprint import SYSTEM_FINGERPRINT
-from generation import Generation
 from model_manager import Lease, ModelManager
 from request_checks import Verdict, check_token_ids
 from schemas import ChatCompletionRequest, CompletionRequest, _Generation
@@ -40,11 +41,12 @@ log = logging.getLogger(__name__)
 
 Disconnected = Callable[[], bool]
 COALESCE_SECONDS = 0.002  # tokens closer together than this share one SSE event
-HANG_UP_POLL_SECONDS = 0.25  # how often a queued non-streamed request looks for a hang-up
+HANG_UP_POLL_SECONDS = 0.25  # how often a request waiting for its worker looks for a hang-up
 # A stream for a model that is not loaded waits this long before sending its headers: a load
 # that ends sooner (most do) still answers a failure with its proper status, and no client
 # gives up on a connection silent for so short a time. Longer loads get ": loading" comments.
 STREAM_HEADERS_DEADLINE = 5.0
+QUEUE_GRACE_SECONDS = 0.05  # a free slot answers within this; a longer wait means queued
 
 
 Observer = Callable[[str, int, int, "float | None", float], None]
@@ -57,13 +59,35 @@ class Job:
     kind: str  # "chat" or "text"
     lease: Lease
     request: _Generation
-    generations: list[Generation]
+    prompts: list[list[int]]
+    streams: list[Stream]  # one per prompt, all submitted to the worker at once
     parse_tools: bool = False
     observer: Observer | None = None
     disconnected: Disconnected = lambda: False
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.monotonic)
+    generating: bool = False  # told the lease this job has a slot
+    closed: bool = False
+    _close_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def mark_generating(self) -> None:
+        """The worker gave the job a slot: it no longer counts as queued."""
+        if not self.generating:
+            self.generating = True
+            self.lease.started()
+
+    def close(self) -> None:
+        """Cancel what still runs in the worker and release the lease (idempotent)."""
+        with self._close_lock:
+            if self.closed:
+                return
+            self.closed = True
+        for stream in self.streams:
+            stream.cancel()
+        if self.generating:
+            self.lease.finished()
+        self.lease.release()
 
     @property
     def object_type(self) -> str:
@@ -78,9 +102,9 @@ class Job:
 
     def usage(self) -> dict[str, Any]:
         """OpenAI's ``usage``, summed over the choices; ``cached_tokens`` were reused from the KV cache."""
-        prompt = sum(g.result.prompt_tokens for g in self.generations)
-        completion = sum(g.result.completion_tokens for g in self.generations)
-        cached = sum(g.result.cached_tokens for g in self.generations)
+        prompt = sum(len(tokens) for tokens in self.prompts)
+        completion = sum(s.result.completion_tokens for s in self.streams)
+        cached = sum(s.result.cached_tokens for s in self.streams)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
@@ -96,42 +120,98 @@ def prepare(manager: ModelManager, kind: str, request: _Generation, verdict: Ver
     """
     lease = manager.acquire(verdict.model_id, keep_alive=request.keep_alive)
     try:
-        llama = lease.llama
+        worker = lease.worker
+        info = worker.info
         params = replace(verdict.params, stop=list(verdict.params.stop))
         parse_tools = False
+        prompt_param = "messages" if kind == "chat" else "prompt"
         if isinstance(request, ChatCompletionRequest):
             template = lease.cache.get("chat_template")
             if template is None:
-                template = lease.cache["chat_template"] = ChatTemplate(llama, lease.settings.chat_template)
+                template = lease.cache["chat_template"] = ChatTemplate(info, lease.settings.chat_template)
             prompt = template.render(request)
             params.stop = params.stop + prompt.stops
             params.grammar = prompt.grammar or params.grammar
             parse_tools = prompt.parse_tools
-            prompts: list[list[int]] = [_tokenize(llama, prompt.text, chat=True)]
+            prompts: list[list[int]] = [_tokenize(worker, prompt.text, prompt_param)]
         else:
             assert isinstance(request, CompletionRequest)
-            prompts = [p if isinstance(p, list) else _tokenize(llama, p, chat=False) for p in request.prompts()]
+            prompts = [p if isinstance(p, list) else _tokenize(worker, p, prompt_param) for p in request.prompts()]
             for tokens in prompts:  # the header may not have said; the loaded vocabulary does
-                check_token_ids(tokens, llama.n_vocab(), "prompt")
-        check_token_ids(params.logit_bias, llama.n_vocab(), "logit_bias")
-        pieces = lease.cache.setdefault("pieces", {})
-        prompt_param = "messages" if kind == "chat" else "prompt"
-        generations = [Generation(llama, tokens, params, pieces, disconnected, prompt_param) for tokens in prompts]
-        return Job(kind, lease, request, generations, parse_tools, observer, disconnected)
+                check_token_ids(tokens, info.n_vocab, "prompt")
+        check_token_ids(params.logit_bias, info.n_vocab, "logit_bias")
+        for tokens in prompts:
+            if len(tokens) >= info.n_ctx:
+                raise ContextLengthExceeded(
+                    f"This model's context window is {info.n_ctx} tokens; the prompt has {len(tokens)} "
+                    "tokens, leaving no room for a completion", param=prompt_param)
+        streams = [worker.generate(tokens, params) for tokens in prompts]
+        return Job(kind, lease, request, prompts, streams, parse_tools, observer, disconnected)
+    except WorkerCrashed as exc:
+        lease.release()
+        raise ModelCrashed(f"{lease.model_id} crashed: {exc}") from None
     except BaseException:
         lease.release()
         raise
 
 
-def _tokenize(llama: Any, text: str, *, chat: bool) -> list[int]:
+def _tokenize(worker: Any, text: str, param: str) -> list[int]:
     """Tokenize with special tokens parsed; add BOS when the model wants one and it is absent."""
-    tokens = llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-    bos = llama.token_bos()
-    if llama._model.add_bos_token() and bos >= 0 and tokens[:1] != [bos]:
-        tokens.insert(0, bos)
+    tokens = worker.tokenize(text, add_special=False, parse_special=True)
+    info = worker.info
+    if info.add_bos and info.bos_token >= 0 and tokens[:1] != [info.bos_token]:
+        tokens.insert(0, info.bos_token)
     if not tokens:
-        raise InvalidRequest("The prompt is empty", param="messages" if chat else "prompt")
+        raise InvalidRequest("The prompt is empty", param=param)
     return tokens
+
+
+def _deltas(job: Job, index: int) -> Iterator[str]:
+    """The text deltas of choice ``index``, as the worker sends them.
+
+    Waits in short polls, so a client that hung up is noticed while the request is still
+    queued or its prompt is being read, and the work is cancelled in the worker (within a
+    step). Errors from the worker become the API's errors.
+    """
+    stream = job.streams[index]
+    with _worker_errors(job):
+        while True:
+            try:
+                text = stream.poll(HANG_UP_POLL_SECONDS)
+            except StopIteration:
+                return
+            if stream.started:
+                job.mark_generating()
+            if text is not None:
+                yield text
+            elif job.disconnected():
+                job.close()
+                raise ClientGone("The client closed the connection")
+
+
+@contextmanager
+def _worker_errors(job: Job) -> Iterator[None]:
+    """Map what a worker reports to the API's errors, naming the request's own parameters."""
+    try:
+        yield
+    except RequestFailed as exc:
+        if exc.kind != "invalid_request":
+            raise InferenceFailed(f"Generation failed in {job.lease.model_id}: {exc.message}") from None
+        error = ContextLengthExceeded if exc.code == "context_length_exceeded" else InvalidRequest
+        raise error(exc.message, param=_request_param(job, exc.param), code=exc.code) from None
+    except WorkerCrashed as exc:
+        raise ModelCrashed(f"{job.lease.model_id} crashed: {exc}") from None
+
+
+def _request_param(job: Job, param: str | None) -> str | None:
+    """The worker names its inputs (``prompt``, ``grammar``); the client knows them by its own."""
+    request = job.request
+    if param == "prompt" and job.kind == "chat":
+        return "messages"
+    if param == "grammar" and request.grammar is None:
+        fmt = request.response_format
+        return "response_format" if fmt is not None and fmt.type != "text" else "tools"
+    return param
 
 
 # ------------------------------------------------------------------ non-streaming
@@ -139,28 +219,23 @@ def _tokenize(llama: Any, text: str, *, chat: bool) -> list[int]:
 
 def complete(job: Job) -> dict[str, Any]:
     """Run every generation of ``job`` to the end and build the response body."""
+    status = 500
     try:
-        _wait_turn(job)
-        try:
-            texts = ["".join(generation) for generation in job.generations]
-        finally:
-            job.lease.end_turn()
+        texts = ["".join(_deltas(job, index)) for index in range(len(job.streams))]
+        status = 200
+    except ServiceError as exc:
+        status = exc.status
+        raise
     finally:
-        job.lease.release()
-    choices = [_choice(job, i, text, g.result.finish_reason) for i, (text, g) in
-               enumerate(zip(texts, job.generations, strict=True))]
+        job.close()
+        if status != 200:
+            _log_done(job, status)
+    choices = [_choice(job, i, text, stream.result.finish_reason) for i, (text, stream) in
+               enumerate(zip(texts, job.streams, strict=True))]
     _log_done(job, 200)
     return {"id": _response_id(job), "object": job.object_type, "created": job.created,
             "model": job.lease.model_id, "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices,
             "usage": job.usage()}
-
-
-def _wait_turn(job: Job) -> None:
-    """Wait for the model's generation lock, giving up if the client hangs up meanwhile."""
-    while not job.lease.take_turn(HANG_UP_POLL_SECONDS):
-        if job.disconnected():
-            _log_done(job, ClientGone.status)
-            raise ClientGone("The client closed the connection while queued")
 
 
 class ClientGone(ServiceError):
@@ -194,7 +269,7 @@ def _response_id(job: Job) -> str:
 def stream(job: Job) -> Response:
     """A text/event-stream response; the lease is released when the response closes."""
     response = Response(_events(job), mimetype=sse.MIMETYPE, headers=sse.HEADERS)
-    response.call_on_close(job.lease.release)
+    response.call_on_close(job.close)
     return response
 
 
@@ -258,8 +333,8 @@ class _PendingJob:
             self.done.set()
 
     def release(self) -> None:
-        """Release the lease once ``prepare`` is done (now, or later on its own thread)."""
-        self._future.add_done_callback(lambda _: self.job.lease.release() if self.job is not None else None)
+        """Close the job once ``prepare`` is done (now, or later on its own thread)."""
+        self._future.add_done_callback(lambda _: self.job.close() if self.job is not None else None)
 
 
 def _events(job: Job) -> Iterator[bytes]:
@@ -273,11 +348,8 @@ def _events(job: Job) -> Iterator[bytes]:
     status = 200
     try:
         yield from _queued_comments(job)
-        try:
-            for index, generation in enumerate(job.generations):
-                yield from _choice_events(job, base, index, generation)
-        finally:
-            job.lease.end_turn()
+        for index in range(len(job.streams)):
+            yield from _choice_events(job, base, index)
         if include_usage:
             yield sse.event({**base, "choices": [], "usage": job.usage()})
     except GeneratorExit:
@@ -296,21 +368,30 @@ def _events(job: Job) -> Iterator[bytes]:
 
 
 def _queued_comments(job: Job) -> Iterator[bytes]:
-    """Take the model's turn; while another generation holds it, send ``: queued`` at once
-    (the headers go out now, not when the turn comes) and every few seconds after.
+    """Wait for the worker to give the job a slot; while every slot is busy, send ``: queued``
+    at once (the headers go out now, not when the slot comes) and every few seconds after.
 
     Each comment is also a write that finds out a client that hung up: the stream is then
-    closed before any of its prompt is evaluated.
+    closed, and its request cancelled in the worker before any of its prompt is read.
     """
-    if job.lease.take_turn(0):
-        return
-    while True:
-        yield sse.comment(f"queued for {job.lease.model_id}")
-        if job.lease.take_turn(sse.LOADING_COMMENT_INTERVAL):
+    first = job.streams[0]
+    with _worker_errors(job):
+        if first.wait_started(QUEUE_GRACE_SECONDS):
             return
+        while True:
+            yield sse.comment(f"queued for {job.lease.model_id}")
+            deadline = time.monotonic() + sse.LOADING_COMMENT_INTERVAL
+            while not first.wait_started(min(HANG_UP_POLL_SECONDS, max(0.0, deadline - time.monotonic()))):
+                if job.disconnected():
+                    job.close()  # cancels it in the worker's queue: none of its prompt is read
+                    raise ClientGone("The client closed the connection while queued")
+                if time.monotonic() >= deadline:
+                    break
+            else:
+                return
 
 
-def _choice_events(job: Job, base: dict[str, Any], index: int, generation: Generation) -> Iterator[bytes]:
+def _choice_events(job: Job, base: dict[str, Any], index: int) -> Iterator[bytes]:
     if job.kind == "chat":
         yield sse.event({**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                               "logprobs": None, "finish_reason": None}]})
@@ -321,16 +402,16 @@ def _choice_events(job: Job, base: dict[str, Any], index: int, generation: Gener
                                                         "logprobs": None, "finish_reason": None}]})
     if job.parse_tools:
         # A tool call is only known once complete: buffer, then send it whole.
-        choice = _choice(job, index, "".join(generation), None)
-        finish = choice["finish_reason"] or generation.result.finish_reason
+        choice = _choice(job, index, "".join(_deltas(job, index)), None)
+        finish = choice["finish_reason"] or job.streams[index].result.finish_reason
         delta = {k: v for k, v in choice["message"].items() if k != "role"}
         if delta.get("tool_calls"):
             delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(delta["tool_calls"])]
         yield sse.event({**base, "choices": [{"index": index, "delta": delta, "logprobs": None,
                                               "finish_reason": None}]})
     else:
-        yield from _coalesced(generation, chunk)
-        finish = generation.result.finish_reason
+        yield from _coalesced(_deltas(job, index), chunk)
+        finish = job.streams[index].result.finish_reason
     last: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": finish}
     last.update({"delta": {}} if job.kind == "chat" else {"text": ""})
     yield sse.event({**base, "choices": [last]})
@@ -362,11 +443,11 @@ def _log_done(job: Job, status: int, streamed: bool = False) -> None:
     seconds = time.monotonic() - job.started
     usage = job.usage()
     rate = usage["completion_tokens"] / seconds if seconds > 0 else 0.0
-    finish = ",".join(str(g.result.finish_reason) for g in job.generations)
+    finish = ",".join(str(s.result.finish_reason) for s in job.streams)
     log.info("completion model=%s kind=%s stream=%s status=%d prompt_tokens=%d completion_tokens=%d "
              "seconds=%.3f tokens_per_s=%.1f finish=%s", job.lease.model_id, job.kind, streamed, status,
              usage["prompt_tokens"], usage["completion_tokens"], seconds, rate, finish)
     if job.observer is not None:
-        first = next((g.result.first_token_at for g in job.generations if g.result.first_token_at), None)
+        first = next((s.result.first_token_at for s in job.streams if s.result.first_token_at), None)
         job.observer(job.lease.model_id, usage["prompt_tokens"], usage["completion_tokens"],
                      first - job.started if first is not None else None, seconds)

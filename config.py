@@ -59,8 +59,14 @@ class ManagerSettings(_Section):
     max_queue: int = Field(16, ge=1)  # requests waiting per model before 429
     max_tokens_limit: int | None = Field(None, ge=1)  # refuse larger max_tokens with 400 (None: the context)
     preload: list[str] = []
+    # Conversations one model serves at once (continuous batching); more wait in its queue.
+    parallel: int = Field(4, ge=1, le=64)
+    # RAM for the KV state of conversations pushed out of their slot, per model (0: none kept).
+    prompt_cache_bytes: int = Field(256 * 2**20, ge=0)
+    # A worker that answers nothing for this long while requests wait is killed (a crash).
+    worker_timeout: float = Field(60, gt=0)
 
-    @field_validator("memory_budget", mode="before")
+    @field_validator("memory_budget", "prompt_cache_bytes", mode="before")
     @classmethod
     def _parse_size(cls, value: Any) -> Any:
         return parse_size(value) if isinstance(value, str) else value
@@ -92,6 +98,7 @@ class ModelSettings(_Section):
     n_gpu_layers: int | None = None
     n_threads: int | None = Field(None, ge=1)
     n_batch: int | None = Field(None, ge=1)
+    parallel: int | None = Field(None, ge=1, le=64)
     flash_attn: bool | None = None
     use_mlock: bool | None = None
     use_mmap: bool | None = None

@@ -7,10 +7,10 @@ import logging
 import time
 from typing import Any
 
-import llama_cpp
 import numpy as np
 
-from errors import ContextLengthExceeded, InvalidRequest
+from engine.client import RequestFailed, WorkerCrashed
+from errors import ContextLengthExceeded, InvalidRequest, ModelCrashed
 from model_manager import Mode, ModelManager
 from request_checks import check_token_ids
 from schemas import EmbeddingRequest
@@ -19,30 +19,31 @@ log = logging.getLogger(__name__)
 
 
 def create_embeddings(manager: ModelManager, request: EmbeddingRequest) -> dict[str, Any]:
-    """Embed every input with the model's embedding-mode instance."""
+    """Embed every input with the model's embedding-mode instance (in its worker)."""
     started = time.monotonic()
     _judge(manager, request)
     with manager.acquire(request.model, Mode.EMBED, keep_alive=request.keep_alive) as lease:
-        llama = lease.llama
-        texts = [_as_text(llama, item) for item in request.inputs()]
-        limit = llama.n_batch
-        counts = [len(llama.tokenize(t.encode("utf-8"), add_bos=True, special=True)) for t in texts]
-        for index, count in enumerate(counts):
-            if count > limit:
-                raise ContextLengthExceeded(f"input[{index}] has {count} tokens; this model embeds at most {limit}",
-                                            param="input")
-        with lease.generating():
-            # One input per call: llama-cpp-python 0.3.36 mis-strides per-token vectors
-            # when several inputs share a batch on a model without its own pooling.
-            raw = [llama.embed(text, normalize=False, truncate=False) for text in texts]
-        pooled = [_pool(vector, llama) for vector in raw]
+        worker = lease.worker
+        limit = worker.info.n_batch
+        inputs = [_tokens(worker, item) for item in request.inputs()]
+        for index, tokens in enumerate(inputs):
+            if len(tokens) > limit:
+                raise ContextLengthExceeded(f"input[{index}] has {len(tokens)} tokens; this model embeds at most "
+                                            f"{limit}", param="input")
+        try:
+            raw = worker.embed(inputs)
+        except RequestFailed as exc:
+            raise InvalidRequest(exc.message, param="input", code=exc.code) from None
+        except WorkerCrashed as exc:
+            raise ModelCrashed(f"{lease.model_id} crashed: {exc}") from None
+        pooled = [_normalised(vector) for vector in raw]
         model_id = lease.model_id
     if request.dimensions is not None and request.dimensions != len(pooled[0]):
         raise InvalidRequest(f"this model's embeddings have {len(pooled[0])} dimensions", param="dimensions")
     data = [{"object": "embedding", "index": i, "embedding": _encode(v, request.encoding_format)}
             for i, v in enumerate(pooled)]
-    tokens = sum(counts)
-    log.info("embeddings model=%s inputs=%d tokens=%d seconds=%.3f", model_id, len(texts), tokens,
+    tokens = sum(len(t) for t in inputs)
+    log.info("embeddings model=%s inputs=%d tokens=%d seconds=%.3f", model_id, len(inputs), tokens,
              time.monotonic() - started)
     return {"object": "list", "data": data, "model": model_id,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
@@ -60,22 +61,20 @@ def _judge(manager: ModelManager, request: EmbeddingRequest) -> None:
         raise InvalidRequest(f"this model's embeddings have {header.n_embd} dimensions", param="dimensions")
 
 
-def _as_text(llama: Any, item: str | list[int]) -> str:
-    if isinstance(item, str):
+def _tokens(worker: Any, item: str | list[int]) -> list[int]:
+    if isinstance(item, list):
+        check_token_ids(item, worker.info.n_vocab, "input")
         if not item:
-            raise InvalidRequest("input strings must not be empty", param="input")
+            raise InvalidRequest("token id inputs must not be empty", param="input")
         return item
-    n_vocab = llama.n_vocab()
-    if not item or any(not 0 <= t < n_vocab for t in item):
-        raise InvalidRequest(f"token ids must be between 0 and {n_vocab - 1}", param="input")
-    return llama.detokenize(item).decode("utf-8", errors="replace")
+    if not item:
+        raise InvalidRequest("input strings must not be empty", param="input")
+    return worker.tokenize(item, add_special=True, parse_special=True)
 
 
-def _pool(vector: Any, llama: Any) -> np.ndarray:
-    """Mean-pool per-token vectors (models without their own pooling), then L2-normalise."""
-    array = np.asarray(vector, dtype=np.float32)
-    if array.ndim == 2 or llama.pooling_type() == llama_cpp.LLAMA_POOLING_TYPE_NONE:
-        array = array.reshape(-1, llama.n_embd()).mean(axis=0)
+def _normalised(vector: Any) -> np.ndarray:
+    """L2-normalise (the worker pools: the model's own pooling, or the mean of its tokens)."""
+    array = np.asarray(vector, dtype=np.float32).reshape(-1)
     norm = float(np.linalg.norm(array))
     return array / norm if norm > 0 else array
 

@@ -114,6 +114,14 @@ class InferenceFailed(ServiceError):
     code = "inference_failed"
 
 
+class ModelCrashed(ServiceError):
+    """The model's worker process died (a crash in llama.cpp, the OOM killer, a kill)."""
+
+    status = 500
+    type = "server_error"
+    code = "model_crashed"
+
+
 class ShuttingDown(ServiceError):
     status = 503
     type = "server_error"

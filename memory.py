@@ -1,13 +1,10 @@
-"""Measuring and giving back memory: process RSS, this process's VRAM, and heap trimming."""
+"""Measuring memory: a process's RSS and, through NVML, its VRAM; and heap trimming."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import threading
-from contextlib import suppress
 from typing import Any
 
 import psutil
@@ -16,24 +13,27 @@ log = logging.getLogger(__name__)
 
 
 class MemoryProbe:
-    """Reads this process's resident memory and, where NVML is available, its GPU memory."""
+    """Reads a process's resident memory and, where NVML is available, its GPU memory."""
 
     def __init__(self) -> None:
-        self._process = psutil.Process()
         self._nvml: Any = None
         self._nvml_lock = threading.Lock()
         self._nvml_tried = False
 
-    def rss(self) -> int:
-        """Resident set size in bytes."""
-        return self._process.memory_info().rss
+    def rss(self, pid: int | None = None) -> int:
+        """Resident set size in bytes of ``pid`` (default: this process); 0 when it is gone."""
+        try:
+            return psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            return 0
 
-    def vram(self) -> int | None:
-        """GPU memory used by this process in bytes, or None without NVML (nvidia-ml-py) or a GPU."""
+    def vram(self, pid: int | None = None) -> int | None:
+        """GPU memory used by ``pid`` (default: this process) in bytes, or None without NVML
+        (nvidia-ml-py) or a GPU."""
         nvml = self._load_nvml()
         if nvml is None:
             return None
-        pid, total = os.getpid(), 0
+        pid, total = pid or os.getpid(), 0
         try:
             for index in range(nvml.nvmlDeviceGetCount()):
                 device = nvml.nvmlDeviceGetHandleByIndex(index)
@@ -57,12 +57,3 @@ class MemoryProbe:
                 except Exception as exc:  # no package, no driver, or no GPU: VRAM is simply not reported
                     log.debug("NVML unavailable: %s", exc)
             return self._nvml
-
-
-def trim_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and RSS stays up)."""
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name:
-        return
-    with suppress(OSError, AttributeError):
-        ctypes.CDLL(libc_name).malloc_trim(0)

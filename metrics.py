@@ -45,6 +45,8 @@ class Metrics:
         self.loads = Counter(PREFIX + "model_loads", "Model loads", ["model", "mode"], registry=registry)
         self.unloads = Counter(PREFIX + "model_unloads", "Model unloads by reason", ["model", "mode", "reason"],
                                registry=registry)
+        self.crashes = Counter(PREFIX + "model_crashes", "Worker processes that died under a loaded model",
+                               ["model"], registry=registry)
         self.load_failures = Counter(PREFIX + "model_load_failures", "Failed model loads", ["model", "mode"],
                                      registry=registry)
         self.load_seconds = Histogram(PREFIX + "model_load_duration_seconds", "Model load time", ["model"],
@@ -61,7 +63,9 @@ class Metrics:
             self.load_seconds.labels(model).observe(event.get("seconds", 0))
         elif kind == "unloaded":
             self.unloads.labels(model, mode, event.get("reason", "")).inc()
-        elif kind == "failed":
+        elif kind == "crashed":
+            self.crashes.labels(model).inc()
+        elif kind == "failed" and not str(event.get("reason", "")).startswith("crashed"):
             self.load_failures.labels(model, mode).inc()
 
     def observe_completion(self, model: str, prompt_tokens: int, completion_tokens: int,

@@ -5,11 +5,15 @@ Concurrency model
 * ``ModelManager._lock`` (the registry lock) guards ``_files``, ``_instances``, ``_settings``
   and ``_models``. It is held only for dictionary work, never during a load, an unload or
   a generation, so ``/health`` and other models never wait behind one.
-* Each ``Instance`` (one model in one mode: text generation or embeddings) has a
+* Each ``Instance`` (one model in one mode: text generation or embeddings) runs in a
+  worker process of its own (``engine.client.Worker``, started by the loader) and has a
   condition variable ``cond`` guarding its state, leases and bookkeeping. Every state
   change goes through ``ModelManager._transition`` with ``cond`` held, and every decision
   to unload is taken under ``cond`` together with the lease check it depends on. ``cond``
-  is never held while llama.cpp runs (load, close or decode).
+  is never held while a worker is asked anything (load, close, a request).
+* A worker that dies unexpectedly is reported by its reader thread (``_on_worker_exit``):
+  the instance goes ``failed`` with the reason, its running requests end with an error,
+  and the next request loads it again. Nothing else waits for it.
 * ``ModelManager._room`` (a condition) serialises capacity decisions: a load that needs
   room picks and unloads idle victims, or waits for a lease to end, while holding it.
   Releases and unloads notify it. Only loads already given room (``admitted``) count
@@ -18,9 +22,9 @@ Concurrency model
   so a model that is never idle cannot starve the load.
 * Lock order: ``_room``, then the registry lock, then an instance's ``cond``; a thread
   holding a later one never takes an earlier one.
-* ``Instance.generation_lock`` serialises generations on one ``Llama`` object, which is
-  not thread-safe. Requests hold a lease while they queue for it, so a queued request
-  keeps its model loaded.
+* Generations run side by side in the worker (its ``parallel`` slots; more queue there).
+  Requests hold a lease while they queue, so a queued request keeps its model loaded;
+  ``generating`` counts those that have a slot, so ``leases - generating`` are queued.
 * A lease is taken before a request waits for a load and released exactly once when its
   response closes; a model with a lease is never unloaded, by anyone.
 * Unloads that no request waits for (idle timeout 0, a file removed) run on the manager's
@@ -38,13 +42,12 @@ recently used first; if the others are busy the load waits up to ``load_wait_tim
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -55,6 +58,7 @@ from discovery import ModelFile, discover
 from errors import (
     InvalidRequest,
     LoadFailed,
+    ModelCrashed,
     ModelNotFound,
     NoCapacity,
     QueueFull,
@@ -63,8 +67,8 @@ from errors import (
 )
 from events import EventBus
 from gguf_meta import Shape, estimate_bytes, model_shape
-from llama_backend import LoadOptions, load_llama
-from memory import MemoryProbe, trim_heap
+from memory import MemoryProbe
+from workers import LoadOptions, WorkerLauncher
 
 log = logging.getLogger(__name__)
 
@@ -94,21 +98,20 @@ _TRANSITIONS: dict[ModelState, set[ModelState]] = {
     ModelState.UNLOADED: {ModelState.LOADING},
     ModelState.FAILED: {ModelState.LOADING},
     ModelState.LOADING: {ModelState.LOADED, ModelState.FAILED},
-    ModelState.LOADED: {ModelState.UNLOADING},
+    ModelState.LOADED: {ModelState.UNLOADING, ModelState.FAILED},  # FAILED: its worker crashed
     ModelState.UNLOADING: {ModelState.UNLOADED},
 }
 
 
 @dataclass(eq=False)
 class Instance:
-    """One model in one mode: its llama.cpp object (when loaded) and its bookkeeping."""
+    """One model in one mode: its worker (when loaded) and its bookkeeping."""
 
     file: ModelFile
     mode: Mode
     cond: threading.Condition = field(default_factory=threading.Condition)
-    generation_lock: threading.Lock = field(default_factory=threading.Lock)
     state: ModelState = ModelState.UNLOADED
-    llama: Any = None
+    worker: Any = None  # an engine.client.Worker while loaded
     cache: dict[str, Any] = field(default_factory=dict)  # per-load derived data (token pieces, template)
     leases: int = 0
     generating: int = 0
@@ -143,8 +146,9 @@ class Lease:
         return self._instance.file.id
 
     @property
-    def llama(self) -> Any:
-        return self._instance.llama
+    def worker(self) -> Any:
+        """The model's worker (an ``engine.client.Worker``)."""
+        return self._instance.worker
 
     @property
     def cache(self) -> dict[str, Any]:
@@ -156,31 +160,15 @@ class Lease:
         """This model's own settings (aliases, defaults, template override...)."""
         return self._manager.model_settings(self.model_id)
 
-    def take_turn(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` s (-1: for ever) for the model's generation lock: one
-        generation at a time per model. True once it is held; then call ``end_turn``."""
-        instance = self._instance
-        if not instance.generation_lock.acquire(timeout=timeout):
-            return False
-        with instance.cond:
-            instance.generating += 1
-        return True
+    def started(self) -> None:
+        """The request got a slot in the worker: it generates now (no longer queued)."""
+        with self._instance.cond:
+            self._instance.generating += 1
 
-    def end_turn(self) -> None:
-        """Give the generation lock back."""
-        instance = self._instance
-        with instance.cond:
-            instance.generating -= 1
-        instance.generation_lock.release()
-
-    @contextmanager
-    def generating(self) -> Iterator[Any]:
-        """Hold the generation lock for the block, waiting as long as it takes."""
-        self.take_turn(-1)
-        try:
-            yield self._instance.llama
-        finally:
-            self.end_turn()
+    def finished(self) -> None:
+        """The request's generation is over (call once per ``started``)."""
+        with self._instance.cond:
+            self._instance.generating -= 1
 
     def release(self, *, warm_up: bool = False) -> None:
         """Give the lease back; later calls do nothing.
@@ -214,14 +202,14 @@ class ModelManager:
     """Owns every model instance, every change of its state, and the policy behind them."""
 
     def __init__(self, settings: ManagerSettings, models: dict[str, ModelSettings] | None = None, *,
-                 clock: Clock = time.monotonic, loader: Loader = load_llama, wall_clock: Clock = time.time,
+                 clock: Clock = time.monotonic, loader: Loader | None = None, wall_clock: Clock = time.time,
                  events: EventBus | None = None) -> None:
         self._settings = settings
         self._models = dict(models or {})
         self._aliases = _alias_map(self._models)
         self._clock = clock
         self._wall = wall_clock
-        self._loader = loader
+        self._loader: Loader = loader or WorkerLauncher(settings.worker_timeout)
         self.events = events or EventBus()
         self._lock = threading.Lock()
         self._room = threading.Condition()
@@ -491,7 +479,10 @@ class ModelManager:
             n_gpu_layers=model.n_gpu_layers if model.n_gpu_layers is not None else settings.n_gpu_layers,
             n_threads=model.n_threads if model.n_threads is not None else settings.n_threads,
             embedding=instance.mode is Mode.EMBED, extra=model.load_arguments(),
-            progress=lambda fraction: self._on_progress(instance, fraction))
+            parallel=model.parallel if model.parallel is not None else settings.parallel,
+            prompt_cache_bytes=settings.prompt_cache_bytes,
+            progress=lambda fraction: self._on_progress(instance, fraction),
+            on_exit=lambda exit_info: self._on_worker_exit(instance, exit_info))
 
     def _estimate(self, instance: Instance) -> int:
         file = instance.file
@@ -551,10 +542,10 @@ class ModelManager:
             with victim.cond:
                 if victim.state is not ModelState.LOADED or victim.leases:
                     continue  # decided under its lock: it may have been leased since the snapshot
-                llama = self._begin_unload(victim, reason)
+                worker = self._begin_unload(victim, reason)
             self._room.release()
             try:
-                self._finish_unload(victim, llama, reason)
+                self._finish_unload(victim, worker, reason)
             finally:
                 self._room.acquire()
             return True
@@ -580,17 +571,17 @@ class ModelManager:
     def _load(self, instance: Instance) -> None:
         """Make room, run the load outside every lock, then publish the outcome under ``cond``."""
         started = time.monotonic()
-        rss_before = self._rss()
-        llama, error = None, None
+        worker, error = None, None
         try:
             self._make_room(instance)
             if self._closing:  # room may have come from the shutdown's own unloads
                 raise ShuttingDown("The server is shutting down")
-            started, rss_before = time.monotonic(), self._rss()  # the load itself, not the evictions before it
+            started = time.monotonic()  # the load itself, not the evictions before it
             options = self._load_options(instance)
-            log.info("load start model=%s mode=%s path=%s n_ctx=%d estimate_mb=%.0f", instance.file.id,
-                     instance.mode.value, instance.file.path, options.n_ctx, instance.estimate / 2**20)
-            llama = self._loader(instance.file, options)
+            log.info("load start model=%s mode=%s path=%s n_ctx=%d parallel=%d estimate_mb=%.0f", instance.file.id,
+                     instance.mode.value, instance.file.path, options.n_ctx, options.parallel,
+                     instance.estimate / 2**20)
+            worker = self._loader(instance.file, options)
         except ServiceError as exc:
             error = exc
         except Exception as exc:  # a loader must never leave the model stuck in LOADING
@@ -598,15 +589,37 @@ class ModelManager:
         seconds = time.monotonic() - started
         with instance.cond:
             if error is None:
-                instance.llama, instance.error, instance.cache = llama, None, {}
+                instance.worker, instance.error, instance.cache = worker, None, {}
                 instance.loaded_at, instance.load_seconds = self._wall(), seconds
                 instance.last_used = self._clock()
                 instance.progress = 1.0
-                self._transition(instance, ModelState.LOADED, seconds=round(seconds, 3),
-                                 rss_delta_mb=round((self._rss() - rss_before) / 2**20, 1))
+                self._transition(instance, ModelState.LOADED, seconds=round(seconds, 3), pid=_pid(worker),
+                                 rss_mb=round(self._memory.rss(_pid(worker)) / 2**20, 1))
             else:
                 instance.error = error
                 self._transition(instance, ModelState.FAILED, reason=error.message, seconds=round(seconds, 3))
+            instance.cond.notify_all()
+        with self._room:
+            self._room.notify_all()
+
+    def _on_worker_exit(self, instance: Instance, exit_info: Any) -> None:
+        """A loaded instance's worker died (or was killed for not answering): mark it failed.
+
+        Runs on the worker's reader thread, before its waiting requests are woken, so a
+        request that retries finds the instance already ``failed`` and loads it again.
+        """
+        if exit_info.expected:
+            return
+        with instance.cond:
+            if _pid(instance.worker) != exit_info.pid or instance.state is not ModelState.LOADED:
+                return  # not the current worker, or already being unloaded
+            instance.worker, instance.cache = None, {}
+            instance.loaded_at = None
+            instance.keep_alive = None
+            instance.error = ModelCrashed(f"{instance.file.id} crashed: {exit_info.reason}")
+            self.events.publish("crashed", model=instance.file.id, mode=instance.mode.value, pid=exit_info.pid,
+                                signal=exit_info.signal, reason=exit_info.reason)
+            self._transition(instance, ModelState.FAILED, reason=f"crashed: {exit_info.reason}")
             instance.cond.notify_all()
         with self._room:
             self._room.notify_all()
@@ -629,34 +642,32 @@ class ModelManager:
                 instance.cond.wait(remaining)
             if instance.state is not ModelState.LOADED:
                 return "not_loaded"
-            llama = self._begin_unload(instance, reason)
-        self._finish_unload(instance, llama, reason)
+            worker = self._begin_unload(instance, reason)
+        self._finish_unload(instance, worker, reason)
         return "unloaded"
 
     def _begin_unload(self, instance: Instance, reason: str) -> Any:
         """Caller holds ``cond`` and has checked that no lease is held."""
         self._transition(instance, ModelState.UNLOADING, reason=reason)
-        llama, instance.llama = instance.llama, None
+        worker, instance.worker = instance.worker, None
         instance.cache = {}
         instance.keep_alive = None  # a request's keep_alive never outlives the load it applied to
-        return llama
+        return worker
 
-    def _finish_unload(self, instance: Instance, llama: Any, reason: str) -> None:
-        rss_before, vram_before = self._rss(), self._memory.vram()
+    def _finish_unload(self, instance: Instance, worker: Any, reason: str) -> None:
+        """Stop the worker: its exit gives every byte of RAM and VRAM it held back to the system."""
+        pid = _pid(worker)
+        freed: dict[str, float] = {"freed_rss_mb": round(self._memory.rss(pid) / 2**20, 1)}
+        vram = self._memory.vram(pid)
+        if vram is not None:
+            freed["freed_vram_mb"] = round(vram / 2**20, 1)
         started = time.monotonic()
         try:
-            close = getattr(llama, "close", None)
+            close = getattr(worker, "close", None)
             if close is not None:
                 close()
         except Exception:
             log.exception("error while closing model=%s", instance.file.id)
-        del llama
-        gc.collect()
-        trim_heap()
-        freed: dict[str, float] = {"freed_rss_mb": round((rss_before - self._rss()) / 2**20, 1)}
-        vram_after = self._memory.vram()
-        if vram_before is not None and vram_after is not None:
-            freed["freed_vram_mb"] = round((vram_before - vram_after) / 2**20, 1)
         with instance.cond:
             instance.loaded_at = None
             self._transition(instance, ModelState.UNLOADED, reason=reason,
@@ -747,8 +758,8 @@ class ModelManager:
                 if not (instance.state is ModelState.LOADED and instance.leases == 0 and idle_for >= timeout):
                     continue
                 reason = _idle_reason(instance)
-                llama = self._begin_unload(instance, reason)
-            self._finish_unload(instance, llama, reason)
+                worker = self._begin_unload(instance, reason)
+            self._finish_unload(instance, worker, reason)
             evicted.append(instance.label)
         return evicted
 
@@ -772,6 +783,18 @@ class ModelManager:
             if self._unload_instance(instance, "shutdown", max(0.0, deadline - time.monotonic())) == "busy":
                 log.warning("shutdown: model=%s still had %d requests in flight", instance.label,
                             instance.leases)
+                self._kill_worker(instance)
+        close = getattr(self._loader, "close", None)
+        if close is not None:
+            close()  # the warm spare
+
+    def _kill_worker(self, instance: Instance) -> None:
+        """Shutdown's last word for an instance still busy: its worker goes with the server."""
+        with instance.cond:
+            worker = instance.worker
+        if worker is not None:
+            with suppress(Exception):
+                worker.close(timeout=1)
 
     # ------------------------------------------------------------------ views
 
@@ -834,6 +857,7 @@ class ModelManager:
                 "expires_at": round(expires, 3) if expires else None,
                 "idle_timeout": timeout,
                 "load_seconds": instance.load_seconds,
+                "pid": _pid(instance.worker) if loaded else None,
                 "error": instance.error.message if instance.error else None,
             }
             if instance.state is ModelState.LOADING:
@@ -846,8 +870,9 @@ class ModelManager:
             instances = list(self._instances.values())
         return sorted({i.file.id for i in instances if i.state is ModelState.LOADED})
 
-    def _rss(self) -> int:
-        return self._memory.rss()
+
+def _pid(worker: Any) -> int | None:
+    return getattr(worker, "pid", None)
 
 
 def _idle_reason(instance: Instance) -> str:

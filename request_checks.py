@@ -15,8 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from engine.protocol import SamplingParams
 from errors import InvalidRequest
-from generation import SamplingParams
 from model_manager import Mode, ModelManager
 from schemas import CompletionRequest, _Generation
 

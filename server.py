@@ -30,11 +30,11 @@ import tasks
 from auth import install_auth
 from config import CONFIG_ENV, ConfigError, Settings, load_settings
 from errors import register_error_handlers
-from llama_backend import load_llama
 from metrics import Metrics
 from model_manager import Clock, Loader, ModelManager
 from openapi import install_openapi
 from state import EXTENSION, AppState
+from workers import WorkerLauncher
 from wsgi_server import build_wsgi_server, listen_addresses
 
 log = logging.getLogger("llama_cpp_server")
@@ -44,7 +44,7 @@ QUIET_PATHS = ("/health", "/metrics")
 
 def create_app(settings: Settings, *, config_path: Path | None = None,
                overrides: dict[str, dict[str, Any]] | None = None, clock: Clock = time.monotonic,
-               loader: Loader = load_llama, background: bool = True) -> Flask:
+               loader: Loader | None = None, background: bool = True) -> Flask:
     """Build the WSGI app around a fresh ``ModelManager``; nothing is loaded yet.
 
     With ``background`` the idle-eviction scheduler starts and the ``preload`` models
@@ -53,6 +53,8 @@ def create_app(settings: Settings, *, config_path: Path | None = None,
     app = Flask(__name__, static_folder=None)  # the status page serves its own files
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_request_body
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    # The launcher keeps a warm spare worker, started in the background (never by a bare app).
+    loader = loader or WorkerLauncher(settings.model_manager.worker_timeout, keep_spare=background)
     manager = ModelManager(settings.model_manager, settings.models, clock=clock, loader=loader)
     state = AppState(settings, manager, config_path, overrides or {}, metrics=Metrics(manager),
                      pool=ThreadPoolExecutor(settings.server.threads, thread_name_prefix="stream-load"))

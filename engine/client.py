@@ -125,8 +125,19 @@ class Stream:
         return self
 
     def __next__(self) -> str:
+        text = self.poll(None)
+        assert text is not None
+        return text
+
+    def poll(self, timeout: float | None) -> str | None:
+        """The next text delta, or None when none came within ``timeout`` s (None: wait for
+        ever); ``StopIteration`` once the generation is over."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while not self.finished:
-            message = self._inbox.get()
+            try:
+                message = self._inbox.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return None
             if isinstance(message, p.Delta):
                 return message.text
             self._absorb(message)
@@ -147,14 +158,24 @@ class Stream:
         elif isinstance(message, BaseException):
             raise message
 
-    def wait_started(self) -> StreamResult:
-        """Block until the request has a slot (``prompt_tokens``/``cached_tokens`` known) or fails."""
-        while not self.finished and not self.result.prompt_tokens:
-            message = self._inbox.get()
+    @property
+    def started(self) -> bool:
+        """Whether the request has had a slot (or is already over)."""
+        return self.finished or bool(self.result.prompt_tokens)
+
+    def wait_started(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` s (None: for ever) until the request has a slot
+        (``prompt_tokens``/``cached_tokens`` known) or is over; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.started:
+            try:
+                message = self._inbox.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return False
             if isinstance(message, p.Delta):
                 raise RuntimeError("wait_started must be called before iterating")
             self._absorb(message)
-        return self.result
+        return True
 
     def cancel(self) -> None:
         """Stop the generation (idempotent; a no-op once it finished)."""
@@ -264,6 +285,10 @@ class Worker:
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         return self._call(lambda i: p.Tokenize(i, text, add_special, parse_special), "tokenizing")
+
+    def tune(self, step_delay: float = 0.0, fail_after_steps: int | None = None) -> None:
+        """Test seam: see ``protocol.Tune``."""
+        self._send_quietly(p.Tune(step_delay, fail_after_steps))
 
     def stats(self) -> dict[str, int]:
         """The scheduler's counters (steps, batched steps, preemptions, prompt cache use, ...)."""

@@ -170,7 +170,8 @@ class LoadedModel:
         bos, eos = model.token_bos(), model.token_eos()
         return ModelInfo(
             n_ctx=self.n_ctx, n_ctx_train=model.n_ctx_train(), n_vocab=self.n_vocab, n_embd=model.n_embd(),
-            n_batch=self.n_batch, parallel=1 if self.options.embedding else max(1, self.options.parallel),
+            n_batch=self.n_batch, n_ubatch=int(self.llama.context_params.n_ubatch),
+            parallel=1 if self.options.embedding else max(1, self.options.parallel),
             embedding=self.options.embedding, pooling_type=self.llama.pooling_type(),
             bos_token=bos, eos_token=eos, bos_text=self._token_text(bos), eos_text=self._token_text(eos),
             add_bos=bool(model.add_bos_token()), chat_template=metadata.get("tokenizer.chat_template"),

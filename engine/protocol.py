@@ -10,7 +10,7 @@ Every message from the parent that expects an answer carries an ``id`` chosen by
 every answer carries the same ``id``. ``Ready``, ``Log`` and ``Heartbeat`` carry none.
 
 Parent to worker: ``Load``, ``Generate``, ``Cancel``, ``Embed``, ``Tokenize``, ``GetStats``,
-``Shutdown``.
+``Shutdown``, and ``Tune`` (tests only).
 Worker to parent: ``Ready``, ``Progress``, ``Log``, ``Loaded``, ``LoadFailed``, ``Started``,
 ``Delta``, ``Done``, ``Error``, ``Reply``, ``Heartbeat``.
 """
@@ -66,6 +66,7 @@ class ModelInfo:
     n_vocab: int
     n_embd: int
     n_batch: int
+    n_ubatch: int
     parallel: int
     embedding: bool
     pooling_type: int
@@ -121,6 +122,16 @@ class GetStats:
 @dataclass(frozen=True)
 class Shutdown:
     pass
+
+
+@dataclass(frozen=True)
+class Tune:
+    """A test seam, like a clock passed in: slow every decode step down, or make the decode fail
+    after ``fail_after_steps`` more steps, so tests can hold a stream open or fail it on cue
+    with a real model. Nothing in the server sends it."""
+
+    step_delay: float = 0.0
+    fail_after_steps: int | None = None
 
 
 # ---- worker to parent ----

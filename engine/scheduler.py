@@ -147,6 +147,8 @@ class Scheduler:
         self.queue: deque[Sequence] = deque()
         self.cache = PromptCache(prompt_cache_bytes)
         self.kv_size = model.n_ctx
+        self.step_delay = 0.0  # test seam (protocol.Tune): seconds slept after each decode
+        self.fail_after_steps: int | None = None  # test seam: the decode fails after this many more steps
         self._clock = 0  # steps and admissions, for LRU order
         self._order = 0
         self.stats: dict[str, int] = dict.fromkeys(
@@ -217,7 +219,7 @@ class Scheduler:
         if not plan:
             return
         logits_rows = self._fill_batch(plan)
-        rc = self.model.decode()
+        rc = self._decode()
         if rc != 0:
             self._decode_failed(plan, rc)
             return
@@ -230,6 +232,17 @@ class Scheduler:
             row = logits_rows.get(slot.seq)
             if row is not None:
                 self._sampled(slot, request.sampler.sample(row))
+
+    def _decode(self) -> int:
+        if self.fail_after_steps is not None:
+            self.fail_after_steps -= 1
+            if self.fail_after_steps < 0:
+                self.fail_after_steps = None
+                return -3  # what llama_decode answers when a compute fails
+        rc = self.model.decode()
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        return rc
 
     def _fill_batch(self, plan: list[tuple[Slot, int]]) -> dict[int, int]:
         """Write the plan into the batch; return the logits row of each sequence that samples."""

@@ -78,6 +78,7 @@ class WorkerLoop:
         self.handlers: dict[type, Callable[[Any], None]] = {
             p.Generate: self._generate, p.Cancel: self._cancel, p.Embed: self._embed,
             p.Tokenize: self._tokenize, p.GetStats: self._stats, p.Shutdown: self._shutdown,
+            p.Tune: self._tune,
         }
 
     def run(self) -> None:
@@ -219,6 +220,11 @@ class WorkerLoop:
     def _stats(self, message: p.GetStats) -> None:
         stats = self.scheduler.snapshot() if self.scheduler is not None else {}
         self.channel.send(p.Reply(message.id, stats))
+
+    def _tune(self, message: p.Tune) -> None:
+        if self.scheduler is not None:
+            self.scheduler.step_delay = message.step_delay
+            self.scheduler.fail_after_steps = message.fail_after_steps
 
     def _shutdown(self, _message: p.Shutdown) -> None:
         self.running = False

@@ -33,8 +33,8 @@ import openai_spec  # noqa: E402
 from gguf_factory import CHATML_TEMPLATE, write_llama_model  # noqa: E402
 
 from config import Settings  # noqa: E402
-from llama_backend import LoadOptions, load_llama  # noqa: E402
 from server import close_app, create_app  # noqa: E402
+from workers import LoadOptions, WorkerLauncher  # noqa: E402
 from wsgi_server import build_wsgi_server  # noqa: E402
 
 # CI explores the same examples every run, so a red build always reproduces; local runs
@@ -72,18 +72,56 @@ def stories_path() -> Path:
 
 
 class CountingLoader:
-    """The real loader, counting loads and decodes, optionally slowed or failing on cue."""
+    """The real loader (one worker process per model), counting loads, optionally slowed or
+    failing on cue.
 
-    def __init__(self) -> None:
+    ``delay`` and ``fail_next`` act on the load here; ``token_delay`` (seconds per decode
+    step) and ``fail_eval_after`` (a decode fails after this many more steps) reach every
+    worker through the engine's test seam, ``engine.protocol.Tune``; the model stays real.
+    """
+
+    def __init__(self, worker_timeout: float = 30) -> None:
+        self.launcher = WorkerLauncher(worker_timeout)
         self.loads: list[str] = []
         self.delay = 0.0
         self.fail_next: Exception | None = None
-        self.token_delay = 0.0
-        self.fail_eval_after: int | None = None  # raise inside llama.cpp's decode after this many more calls
-        self.evals = 0
-        self.decoded_tokens = 0  # tokens llama.cpp decoded, prompts included
         self.close_gate: threading.Event | None = None  # when set, a model's close waits for it
+        self.workers: list[Any] = []
+        self._token_delay = 0.0
+        self._fail_eval_after: int | None = None
         self._lock = threading.Lock()
+
+    @property
+    def token_delay(self) -> float:
+        return self._token_delay
+
+    @token_delay.setter
+    def token_delay(self, seconds: float) -> None:
+        self._token_delay = seconds
+        self._tune()
+
+    @property
+    def fail_eval_after(self) -> int | None:
+        return self._fail_eval_after
+
+    @fail_eval_after.setter
+    def fail_eval_after(self, steps: int | None) -> None:
+        self._fail_eval_after = steps
+        self._tune()
+        self._fail_eval_after = None  # one-shot, as in the worker
+
+    @property
+    def decoded_tokens(self) -> int:
+        """Tokens the live workers decoded, prompts included."""
+        return sum(self._stat(w, "decoded_tokens") for w in self.live())
+
+    @property
+    def evals(self) -> int:
+        """Decode steps of the live workers."""
+        return sum(self._stat(w, "steps") for w in self.live())
+
+    def live(self) -> list[Any]:
+        return [w for w in self.workers if w.alive]
 
     def __call__(self, model: Any, options: LoadOptions) -> Any:
         with self._lock:
@@ -93,32 +131,33 @@ class CountingLoader:
             time.sleep(self.delay)
         if failure is not None:
             raise failure
-        llama = load_llama(model, options)
-        context = llama._ctx
-        real_decode = context.decode
+        worker = self.launcher(model, options)
+        if self._token_delay or self._fail_eval_after is not None:
+            worker.tune(self._token_delay, self._fail_eval_after)
+        real_close = worker.close
 
-        def decode(batch: Any) -> None:
-            self.evals += 1
-            self.decoded_tokens += batch.batch.n_tokens
-            if self.token_delay:
-                time.sleep(self.token_delay)
-            if self.fail_eval_after is not None:
-                if self.fail_eval_after <= 0:
-                    self.fail_eval_after = None
-                    raise RuntimeError("llama_decode returned -3 (on cue)")
-                self.fail_eval_after -= 1
-            real_decode(batch)
-
-        context.decode = decode  # every llama.cpp decode passes here; the model stays real
-        real_close = llama.close
-
-        def close() -> None:
+        def close(timeout: float = 5.0) -> None:
             if self.close_gate is not None:
                 self.close_gate.wait(60)
-            real_close()
+            real_close(timeout)
 
-        llama.close = close
-        return llama
+        worker.close = close
+        self.workers.append(worker)
+        return worker
+
+    def close(self) -> None:
+        self.launcher.close()
+
+    def _tune(self) -> None:
+        for worker in self.live():
+            worker.tune(self._token_delay, self._fail_eval_after)
+
+    @staticmethod
+    def _stat(worker: Any, name: str) -> int:
+        try:
+            return worker.stats().get(name, 0)
+        except Exception:  # gone meanwhile
+            return 0
 
 
 @dataclass
@@ -165,7 +204,7 @@ def start_live_server(models_dir: Path, manager: dict[str, Any] | None = None,
                         "n_threads": 1, **(manager or {})}
     settings = Settings.model_validate({"server": {"port": 0, "threads": 8, **(server or {})},
                                         "model_manager": manager_settings, "models": models or {}})
-    loader = CountingLoader()
+    loader = CountingLoader(settings.model_manager.worker_timeout)
     app = create_app(settings, config_path=config_path, loader=loader, clock=clock, background=background)
     wsgi = build_wsgi_server(app, settings.server)
     stopping = threading.Event()

@@ -99,6 +99,7 @@ def test_system_fingerprint_is_one_value_on_every_reply_and_chunk(server: LiveSe
 
 def test_tokens_leave_as_they_are_generated(server: LiveServer):
     """Over a raw socket, the first content chunk arrives long before the stream ends."""
+    assert server.post("/v1/completions", {"model": "tiny", "prompt": "Once", "max_tokens": 1}).status_code == 200
     server.loader.token_delay = 0.01
     body = json.dumps({"model": "tiny", "prompt": "Once", "max_tokens": 60, "temperature": 0,
                        "stream": True}).encode()

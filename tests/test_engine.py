@@ -19,7 +19,6 @@ from gguf_factory import write_not_gguf
 
 from engine.client import ExitInfo, LoadError, RequestFailed, Stream, Worker, WorkerCrashed
 from engine.protocol import ModelOptions, SamplingParams
-from generation import Generation
 
 ROOT = Path(__file__).resolve().parent.parent
 JOIN_TIMEOUT = 30
@@ -79,7 +78,12 @@ def test_greedy_generation_matches_in_process_generation(make_worker: Callable[.
 
     llama = llama_cpp.Llama(model_path=str(stories_path), n_ctx=2048, n_threads=1, verbose=False)
     try:
-        expected = "".join(Generation(llama, prompt, greedy(40), {}))
+        tokens = []
+        for token in llama.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0):
+            if token == llama.token_eos() or len(tokens) == 40:
+                break
+            tokens.append(token)
+        expected = llama.detokenize(tokens, prev_tokens=prompt).decode("utf-8", errors="replace")
     finally:
         llama.close()
     assert text.startswith(", there was a little girl named Lily")

@@ -166,7 +166,8 @@ def test_embedding_models_can_be_warmed(make_server):
 # ------------------------------------------------------------------- hang-ups
 
 
-def test_streams_queued_behind_a_generation_hear_from_the_server(server: LiveServer, monkeypatch):
+def test_streams_queued_behind_a_generation_hear_from_the_server(make_server, monkeypatch):
+    server = make_server(models={"tiny": {"parallel": 1}})  # one slot: the second stream queues
     monkeypatch.setattr(sse, "LOADING_COMMENT_INTERVAL", 0.1)  # time is the subject: shortened
     assert completion(server).status_code == 200
     server.loader.token_delay = 0.02
@@ -187,7 +188,8 @@ def test_streams_queued_behind_a_generation_hear_from_the_server(server: LiveSer
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_client_gone_while_queued_costs_no_prompt_evaluation(server: LiveServer, stream):
+def test_a_client_gone_while_queued_costs_no_prompt_evaluation(make_server, stream):
+    server = make_server(models={"tiny": {"parallel": 1}})
     assert completion(server).status_code == 200
     server.loader.token_delay = 0.02
     with open_stream(server, max_tokens=60) as first:

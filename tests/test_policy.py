@@ -190,8 +190,8 @@ def test_per_model_llama_arguments_reach_the_load(make_server):
     server = make_server(models={"tiny": {"n_batch": 32, "load": {"n_ubatch": 16}}})
     completion(server, "tiny")
     with server.manager.acquire("tiny") as lease:
-        llama = lease.llama
-    assert llama.n_batch == 32 and llama.context_params.n_ubatch == 16
+        info = lease.worker.info
+    assert info.n_batch == 32 and info.n_ubatch == 16
 
 
 def test_streams_waiting_for_a_load_get_loading_comments(server: LiveServer, monkeypatch):
@@ -259,7 +259,7 @@ def test_event_stream_reports_loads_and_unloads_with_reasons(server: LiveServer)
 
 
 def test_queue_limit_answers_429_with_retry_after(make_server):
-    server = make_server({"max_queue": 2})
+    server = make_server({"max_queue": 2}, models={"tiny": {"parallel": 1}})
     completion(server)
     server.loader.token_delay = 0.01
     streams = [open_stream(server, max_tokens=150) for _ in range(3)]  # one generating, two queued
@@ -343,4 +343,4 @@ def test_global_context_is_capped_at_the_trained_length_unless_the_model_says_ot
     for model, expected in (("tiny", 2048), ("tiny-chat", 3072)):
         completion(server, model)
         with server.manager.acquire(model) as lease:
-            assert lease.llama.n_ctx() == expected
+            assert lease.worker.info.n_ctx == expected

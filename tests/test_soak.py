@@ -1,5 +1,6 @@
 """Soak: 16 clients for a fixed time against three models with room for two, idle eviction
-every second, admin calls and deliberate hang-ups mixed in. Then the books must balance.
+every second, admin calls, deliberate hang-ups and worker kills (kill -9 of a loaded model's
+worker every few seconds) mixed in. Then the books must balance.
 
 Runs ``--soak-seconds`` (default 45) in CI; pass a larger value for a long run:
 ``./test.sh tests/test_soak.py --soak-seconds 1800``.
@@ -7,7 +8,9 @@ Runs ``--soak-seconds`` (default 45) in CI; pass a larger value for a long run:
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import threading
 import time
 from collections import Counter
@@ -33,6 +36,8 @@ class Tally:
     kinds: Counter = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
     disconnects: int = 0
+    crashed: int = 0  # requests that ended with model_crashed: expected, a kill hit their model
+    kills: int = 0
 
     def record(self, kind: str, status: int) -> None:
         with self.lock:
@@ -73,6 +78,10 @@ def stream_call(server: LiveServer, rng: random.Random, tally: Tally, model: str
     body.update({"messages": [{"role": "user", "content": "Hello"}]} if chat else {"prompt": "Once upon a time"})
     if rng.random() < 0.5:
         response = server.post(path, body)
+        if response.status_code == 500 and response.json()["error"]["code"] == "model_crashed":
+            with tally.lock:
+                tally.crashed += 1
+            return
         tally.record("complete", response.status_code)
         if response.status_code == 200 and not response.json()["choices"]:
             tally.fail("completion without choices")
@@ -88,7 +97,10 @@ def stream_call(server: LiveServer, rng: random.Random, tally: Tally, model: str
                 continue
             if line == b"data: [DONE]":
                 return
-            if b'"error"' in line:
+            if b'"model_crashed"' in line:
+                with tally.lock:
+                    tally.crashed += 1
+            elif b'"error"' in line:
                 tally.fail(f"error event: {line[:200]!r}")
             events += 1
             if hang_up_after is not None and events >= hang_up_after:
@@ -105,6 +117,25 @@ def client(server: LiveServer, seed: int, deadline: float, tally: Tally) -> None
             one_call(server, rng, tally)
         except requests.RequestException as exc:
             tally.fail(f"connection error: {exc!r}")
+
+
+def killer(server: LiveServer, deadline: float, tally: Tally) -> None:
+    """Every few seconds, kill -9 the worker of a loaded model, as the OOM killer would."""
+    rng = random.Random(99)
+    while time.monotonic() < deadline - 2:
+        time.sleep(rng.uniform(2, 4))
+        try:
+            pids = [m["pid"] for m in server.get("/health").json()["models"] if m["pid"]]
+        except (requests.RequestException, ValueError, KeyError) as exc:
+            tally.fail(f"killer: {exc!r}")
+            return
+        if pids:
+            try:
+                os.kill(rng.choice(pids), signal.SIGKILL)
+            except ProcessLookupError:
+                continue  # unloaded meanwhile
+            with tally.lock:
+                tally.kills += 1
 
 
 def metric_total(server: LiveServer, name: str) -> float:
@@ -124,6 +155,7 @@ def test_soak(make_server, models_dir, request):
     tally = Tally()
     deadline = time.monotonic() + seconds
     clients = [threading.Thread(target=client, args=(server, seed, deadline, tally)) for seed in range(CLIENTS)]
+    clients.append(threading.Thread(target=killer, args=(server, deadline, tally)))
     for thread in clients:
         thread.start()
     for thread in clients:
@@ -138,6 +170,8 @@ def test_soak(make_server, models_dir, request):
         assert view["in_flight"] == 0 and view["queued"] == 0, view
     loads = metric_total(server, "llama_server_model_loads_total")
     assert loads == len(server.loader.loads), (loads, len(server.loader.loads))  # no double loads
+    crashes = metric_total(server, "llama_server_model_crashes_total")
+    assert crashes <= tally.kills and (crashes > 0 or seconds < 10), (crashes, tally.kills)
     for model in MODELS:
         reply = server.post("/v1/completions", {"model": model, "prompt": "Hello", "max_tokens": 2})
         assert reply.status_code == 200
@@ -147,14 +181,19 @@ def test_soak(make_server, models_dir, request):
     time.sleep(0.5)  # helper threads of hung-up streams finish releasing
     leftover = [t.name for t in threading.enumerate() if t.ident not in threads_before
                 and not t.name.startswith(("waitress", "stream-load", "idle-job", "gguf-meta")) and t.is_alive()]
-    assert leftover == [], leftover  # waitress workers and the load pool are bounded; nothing else may linger
+    readers = [name for name in leftover if name.endswith("-reader")]  # one per live worker (the spare)
+    assert [name for name in leftover if name not in readers] == [], leftover  # nothing else may linger
+    workers = [p for p in process.children() if "engine.worker" in " ".join(p.cmdline())
+               and p.status() != psutil.STATUS_ZOMBIE]
+    assert len(readers) <= len(workers) <= 1, (readers, workers)  # every model unloaded: the spare at most
     unloads: Counter = Counter()
     for family in text_string_to_metric_families(server.get("/metrics").text):
         for sample in family.samples:
             if sample.name == "llama_server_model_unloads_total":
                 unloads[sample.labels["reason"]] += int(sample.value)
     print(f"\nsoak {seconds}s: {sum(tally.kinds.values())} requests {dict(tally.kinds)}, statuses "
-          f"{dict(tally.statuses)}, disconnects {tally.disconnects}, loads {int(loads)}, unloads {dict(unloads)}, "
+          f"{dict(tally.statuses)}, disconnects {tally.disconnects}, kills {tally.kills}, crashes {int(crashes)}, "
+          f"requests ended by a crash {tally.crashed}, loads {int(loads)}, unloads {dict(unloads)}, "
           f"rss start {rss_start / 2**20:.0f} MiB end {rss_end / 2**20:.0f} MiB")
 
 

@@ -1,0 +1,151 @@
+"""The manager's loader: every model instance runs in a worker process of its own (``engine``).
+
+Loading takes the warm spare worker (interpreter started, llama_cpp imported, no model) when
+one is ready and starts the next spare in the background, so a cold start pays only the
+model's own load. Unloading is the worker exiting, so the operating system takes back every
+byte it held. A failed load is diagnosed here: a file that is not a model is a 422
+(``NotAModel``), anything else a ``LoadFailed`` with llama.cpp's reason.
+
+Concurrency: ``_lock`` guards ``_spare`` and ``_closed`` only. A spare starts on its own
+short-lived thread; a load runs on the thread of the request (or ``preload``) that asked
+for it, outside every lock, so loads of different models proceed in parallel.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from discovery import ModelFile
+from engine.client import ExitInfo, LoadError, Worker, WorkerError
+from engine.protocol import ModelOptions
+from errors import LoadFailed, NotAModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_N_BATCH = 512  # tokens per decode step, all sequences together (llama-cpp-python's default)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What a load needs besides the file; fixed at the moment the load starts."""
+
+    n_ctx: int
+    n_gpu_layers: int
+    n_threads: int | None
+    embedding: bool = False
+    parallel: int = 4
+    prompt_cache_bytes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # more llama_cpp.Llama arguments
+    progress: Callable[[float], None] | None = field(default=None, compare=False)
+    on_exit: Callable[[ExitInfo], None] | None = field(default=None, compare=False)  # an unexpected exit
+
+
+class WorkerLauncher:
+    """Starts workers and loads models into them; keeps one warm spare."""
+
+    def __init__(self, worker_timeout: float = 60.0, keep_spare: bool = True) -> None:
+        self.worker_timeout = worker_timeout
+        self._keep_spare = keep_spare
+        self._lock = threading.Lock()
+        self._spare: Worker | None = None
+        self._starting = False
+        self._closed = False
+        if keep_spare:
+            self._start_spare()
+
+    def __call__(self, model: ModelFile, options: LoadOptions) -> Worker:
+        """A worker with ``model`` loaded; raises ``NotAModel`` or ``LoadFailed`` with the reason."""
+        worker = self._take()
+        worker.name = model.id
+        worker.on_exit = options.on_exit
+        extra = dict(options.extra)
+        model_options = ModelOptions(
+            n_ctx=options.n_ctx, n_gpu_layers=options.n_gpu_layers, n_threads=options.n_threads,
+            n_batch=int(extra.pop("n_batch", DEFAULT_N_BATCH)), embedding=options.embedding,
+            parallel=options.parallel, prompt_cache_bytes=options.prompt_cache_bytes, extra=extra)
+        try:
+            worker.load(model.path, model_options, options.progress)
+        except LoadError as exc:
+            worker.close()
+            raise diagnose(model, str(exc)) from None
+        except WorkerError as exc:  # it died while loading: a crash in llama.cpp, the OOM killer...
+            worker.close()
+            raise LoadFailed(f"failed to load model {model.id}: {exc}") from None
+        return worker
+
+    def close(self) -> None:
+        """Stop the spare; no new one is started."""
+        with self._lock:
+            self._closed = True
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.close()
+
+    def _take(self) -> Worker:
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if self._keep_spare:
+            self._start_spare()
+        if spare is not None and spare.alive:
+            return spare
+        worker = Worker(worker_timeout=self.worker_timeout)
+        worker.start()
+        return worker
+
+    def _start_spare(self) -> None:
+        with self._lock:
+            if self._closed or self._starting or self._spare is not None:
+                return
+            self._starting = True
+        threading.Thread(target=self._run_spare, name="spare-worker", daemon=True).start()
+
+    def _run_spare(self) -> None:
+        worker = Worker(name="spare", worker_timeout=self.worker_timeout)
+        try:
+            worker.start()
+        except WorkerError:
+            log.exception("could not start a spare worker")
+            worker = None  # type: ignore[assignment]
+        with self._lock:
+            self._starting = False
+            keep = worker is not None and not self._closed and self._spare is None
+            if keep:
+                self._spare = worker
+        if worker is not None and not keep:
+            worker.close()
+
+
+def diagnose(model: ModelFile, reason: str) -> Exception:
+    """Tell a file that is not a model (422) from a model llama.cpp could not load (500)."""
+    problem = inspect_gguf(model.path)
+    if problem:
+        return NotAModel(f"{model.id} is not a loadable model: {problem}", param="model")
+    return LoadFailed(f"failed to load model {model.id}: {reason}")
+
+
+def inspect_gguf(path: Path) -> str | None:
+    """Return why ``path`` is not a usable GGUF model file, or None if it looks like one."""
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        return f"cannot read the file: {exc.strerror}"
+    if magic != b"GGUF":
+        return "not a GGUF file"
+    from gguf import GGUFReader  # only on the failure path: parsing a large vocab is slow
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:  # the reader raises assorted errors on damaged files
+        return f"truncated or corrupt GGUF ({type(exc).__name__}: {exc})"
+    if not reader.tensors:
+        return "the file holds no tensors (a vocab-only GGUF)"
+    end = max(t.data_offset + t.n_bytes for t in reader.tensors)
+    if end > path.stat().st_size:
+        return "truncated GGUF: tensor data runs past the end of the file"
+    return None
