@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import llama_cpp
 from llama_cpp import _internals as internals
-from llama_cpp.llama_grammar import LlamaGrammar
 
 from errors import ContextLengthExceeded, InvalidRequest
+from grammar.sampler import GRAMMAR_COMPLETE, TOKEN_SECONDS, GuardedSampler, add_grammar
 from llama_backend import token_piece
 
 PENALTY_LAST_N = 64
@@ -44,7 +44,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     logit_bias: dict[int, float] = field(default_factory=dict)
     ignore_eos: bool = False
-    grammar: str | None = None
+    grammar: str | None = None  # GBNF, already judged by grammar.checker
+    grammar_param: str = "grammar"  # the request parameter a grammar failure names
+    grammar_token_seconds: float = TOKEN_SECONDS  # not a request field: the guard's limit per token
 
 
 @dataclass
@@ -86,6 +88,9 @@ class Generation:
             _eval_prompt(llama, self.prompt)
             while result.completion_tokens < self.max_tokens:
                 token = self.sampler.sample(llama._ctx, -1)
+                if token == GRAMMAR_COMPLETE:
+                    result.finish_reason = "stop"
+                    break
                 if llama_cpp.llama_vocab_is_eog(vocab, token) and not params.ignore_eos:
                     result.finish_reason = "stop"
                     break
@@ -162,25 +167,39 @@ def _decode_next(llama: llama_cpp.Llama, token: int) -> None:
     llama.n_tokens = position + 1
 
 
-def _build_sampler(llama: llama_cpp.Llama, params: SamplingParams) -> internals.LlamaSampler:
+def _build_sampler(llama: llama_cpp.Llama, params: SamplingParams) -> internals.LlamaSampler | GuardedSampler:
     n_vocab = llama.n_vocab()
     bias = dict(params.logit_bias)
     for token in bias:
         if not 0 <= token < n_vocab:
             raise InvalidRequest(f"logit_bias token {token} is outside the vocabulary (0..{n_vocab - 1})",
                                  param="logit_bias")
-    if params.ignore_eos:
+    if params.ignore_eos and not params.grammar:  # with a grammar, GuardedSampler applies ignore_eos after it
         vocab = llama._model.vocab
         bias.update({t: float("-inf") for t in _eog_tokens(llama) if llama_cpp.llama_vocab_is_eog(vocab, t)})
-    grammar = _compile_grammar(params.grammar) if params.grammar else None
     sampler = internals.LlamaSampler()
     if bias:
         sampler.add_logit_bias(n_vocab, bias)
     sampler.add_penalties(n_vocab=n_vocab, penalty_last_n=PENALTY_LAST_N,
                           penalty_repeat=params.repeat_penalty, penalty_freq=params.frequency_penalty,
                           penalty_present=params.presence_penalty)
-    if grammar is not None:
-        sampler.add_grammar(llama._model, grammar)
+    if not params.grammar:
+        _add_selection(sampler, params, n_vocab)
+        return sampler
+    selection = internals.LlamaSampler()
+    try:
+        add_grammar(sampler, llama._model.vocab, params.grammar, params.grammar_param)
+        _add_selection(selection, params, n_vocab)
+        return GuardedSampler(llama._model.model, sampler, selection, ignore_eos=params.ignore_eos,
+                              param=params.grammar_param, token_seconds=params.grammar_token_seconds)
+    except BaseException:
+        sampler.close()
+        selection.close()
+        raise
+
+
+def _add_selection(sampler: internals.LlamaSampler, params: SamplingParams, n_vocab: int) -> None:
+    """The samplers that pick one token from what the constraints left."""
     if params.temperature <= 0:
         sampler.add_greedy()
     else:
@@ -190,20 +209,12 @@ def _build_sampler(llama: llama_cpp.Llama, params: SamplingParams) -> internals.
         sampler.add_min_p(params.min_p, 1)
         sampler.add_temp(params.temperature)
         sampler.add_dist(seed & 0xFFFFFFFF)
-    return sampler
 
 
 def _eog_tokens(llama: llama_cpp.Llama) -> set[int]:
     model = llama._model
     candidates = {model.token_eos(), model.token_eot(), model.token_sep()}
     return {t for t in candidates if t is not None and t >= 0}
-
-
-def _compile_grammar(gbnf: str) -> LlamaGrammar:
-    try:
-        return LlamaGrammar.from_string(gbnf, verbose=False)
-    except Exception as exc:  # llama.cpp reports grammar errors as a generic failure
-        raise InvalidRequest(f"invalid grammar: {exc}", param="response_format") from None
 
 
 class _StopMatcher:
