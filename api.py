@@ -9,6 +9,7 @@ from flask import Blueprint, Response, jsonify, request
 import completions
 from embeddings import create_embeddings
 from errors import ModelNotFound
+from grammar.request import grammar_for
 from schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_body
 from state import app_state
 
@@ -60,10 +61,12 @@ def _complete(kind: str, body: Any) -> Response:
     state = app_state()
     manager, observer = state.manager, state.metrics.observe_completion
     disconnected = request.environ.get("waitress.client_disconnected") or (lambda: False)
+    # Judged before the lease and before the stream starts: a bad grammar is a plain 400 and loads nothing.
+    grammar = grammar_for(body, manager.model_path(body.model), state.grammars)
     if body.stream and not manager.is_loaded(body.model):
         return completions.stream_after_load(manager, kind, body, disconnected, manager.resolve(body.model),
-                                             state.pool, observer)
-    job = completions.prepare(manager, kind, body, disconnected, observer)
+                                             state.pool, observer, grammar)
+    job = completions.prepare(manager, kind, body, disconnected, observer, grammar)
     if body.stream:
         return completions.stream(job)
     return jsonify(completions.complete(job))

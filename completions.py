@@ -9,7 +9,6 @@ WSGI server guarantees even when the client disconnects before the first chunk.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -26,6 +25,7 @@ import sse
 from chat_format import ChatTemplate, extract_tool_calls
 from errors import InvalidRequest, ServiceError
 from generation import Generation, SamplingParams
+from grammar.request import grammar_param
 from model_manager import Lease, ModelManager
 from schemas import ChatCompletionRequest, CompletionRequest, _Generation
 
@@ -63,11 +63,12 @@ class Job:
 
 
 def prepare(manager: ModelManager, kind: str, request: _Generation, disconnected: Disconnected,
-            observer: Observer | None = None) -> Job:
+            observer: Observer | None = None, grammar: str | None = None) -> Job:
     """Lease the model and build the generations; releases the lease on any error.
 
     ``observer(model, prompt_tokens, completion_tokens, first_token_seconds, seconds)`` is
-    told about the completion when it ends (metrics).
+    told about the completion when it ends (metrics). ``grammar`` is the request's grammar
+    as ``grammar.request.grammar_for`` returned it, judged before the lease.
     """
     lease = manager.acquire(request.model, keep_alive=request.keep_alive)
     try:
@@ -83,6 +84,7 @@ def prepare(manager: ModelManager, kind: str, request: _Generation, disconnected
                                      param="max_tokens")
             request.max_tokens = min(request.max_tokens or limit, limit)
         params = _sampling(request)
+        params.grammar, params.grammar_param = grammar, grammar_param(request)
         parse_tools = False
         if isinstance(request, ChatCompletionRequest):
             template = lease.cache.get("chat_template")
@@ -90,7 +92,6 @@ def prepare(manager: ModelManager, kind: str, request: _Generation, disconnected
                 template = lease.cache["chat_template"] = ChatTemplate(llama, settings.chat_template)
             prompt = template.render(request)
             params.stop = params.stop + prompt.stops
-            params.grammar = prompt.grammar or params.grammar
             parse_tools = prompt.parse_tools
             prompts: list[list[int]] = [_tokenize(llama, prompt.text, chat=True)]
         else:
@@ -112,31 +113,13 @@ def apply_defaults(request: _Generation, defaults: BaseModel) -> None:
 
 
 def _sampling(request: _Generation) -> SamplingParams:
-    grammar = request.grammar
-    fmt = request.response_format
-    if fmt is not None and fmt.type != "text":
-        grammar = _format_grammar(fmt)
     return SamplingParams(
         max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
         top_k=request.top_k, min_p=request.min_p, repeat_penalty=request.repeat_penalty,
         presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
-        seed=request.seed, stop=request.stops, ignore_eos=request.ignore_eos, grammar=grammar,
+        seed=request.seed, stop=request.stops, ignore_eos=request.ignore_eos,
         logit_bias={int(k): v for k, v in (request.logit_bias or {}).items()},
     )
-
-
-def _format_grammar(fmt: Any) -> str:
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-
-    schema = fmt.json_schema.schema_ if fmt.json_schema is not None else fmt.schema_
-    if fmt.type == "json_object" and not schema:
-        return JSON_GBNF
-    if not schema:
-        raise InvalidRequest("response_format json_schema needs a schema", param="response_format")
-    try:
-        return json_schema_to_gbnf(json.dumps(schema))
-    except Exception as exc:  # the converter raises assorted errors on schemas it cannot express
-        raise InvalidRequest(f"Unsupported JSON schema: {exc}", param="response_format") from None
 
 
 def _tokenize(llama: Any, text: str, *, chat: bool) -> list[int]:
@@ -194,13 +177,14 @@ def stream(job: Job) -> Response:
 
 
 def stream_after_load(manager: ModelManager, kind: str, request: _Generation, disconnected: Disconnected,
-                      model_id: str, pool: Executor, observer: Observer | None = None) -> Response:
+                      model_id: str, pool: Executor, observer: Observer | None = None,
+                      grammar: str | None = None) -> Response:
     """A stream for a model that is not loaded yet: headers now, ``: loading`` comments until it is.
 
     Clients that give up on a silent connection (30 s is common) survive a slow load.
     ``prepare`` runs on ``pool``; whoever finishes last releases its lease.
     """
-    pending = _PendingJob(lambda: prepare(manager, kind, request, disconnected, observer), pool)
+    pending = _PendingJob(lambda: prepare(manager, kind, request, disconnected, observer, grammar), pool)
 
     def events() -> Iterator[bytes]:
         yield sse.comment(f"loading {model_id}")

@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from config import ManagerSettings, ModelSettings
@@ -301,6 +302,15 @@ class ModelManager:
         hint = f"; available: {', '.join(available[:5])}" if available else "; no models are installed"
         more = f" and {len(available) - 5} more" if len(available) > 5 else ""
         raise ModelNotFound(f"The model '{name[:100]}' does not exist{hint}{more}", param="model")
+
+    def model_path(self, name: str | None) -> Path:
+        """The GGUF file of the model ``name`` resolves to (raises ``ModelNotFound``); loads nothing."""
+        model_id = self.resolve(name)
+        with self._lock:
+            file = self._files.get(model_id)
+        if file is None:  # removed by a rescan since resolve()
+            raise ModelNotFound(f"The model '{model_id}' was removed", param="model")
+        return file.path
 
     def is_loaded(self, name: str | None, mode: Mode = Mode.GENERATE) -> bool:
         """Whether the model (after resolving ``name``) is loaded now; advisory only."""

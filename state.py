@@ -10,6 +10,7 @@ from typing import Any
 from flask import current_app
 
 from config import Settings
+from grammar.checker import GrammarChecker
 from model_manager import ModelManager
 
 EXTENSION = "llama_cpp_server"
@@ -17,7 +18,7 @@ EXTENSION = "llama_cpp_server"
 
 @dataclass
 class AppState:
-    """What one app instance owns: its settings, its model manager, its scheduler."""
+    """What one app instance owns: its settings, its model manager, its scheduler, its grammar checker."""
 
     settings: Settings
     manager: ModelManager
@@ -26,6 +27,7 @@ class AppState:
     metrics: Any = None
     pool: Any = None  # runs the loads that streams wait for while they send ": loading" comments
     scheduler: Any = None
+    grammars: GrammarChecker = field(default_factory=GrammarChecker)  # starts its helper on the first grammar
     started: float = field(default_factory=time.monotonic)
 
 
