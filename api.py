@@ -60,7 +60,7 @@ def get_model(model: str) -> Response:
 def _complete(kind: str, body: Any) -> Response:
     state = app_state()
     manager, observer = state.manager, state.metrics.observe_completion
-    verdict = judge(manager, body)  # before any lease: a refused request loads nothing
+    verdict = judge(manager, body, state.grammars)  # before any lease: a refused request loads nothing
     disconnected = request.environ.get("waitress.client_disconnected") or (lambda: False)
     if body.stream and not manager.is_loaded(verdict.model_id):
         return completions.stream_after_load(manager, kind, body, verdict, disconnected, state.pool, observer)

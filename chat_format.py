@@ -7,7 +7,8 @@ end marker becomes a stop string, so even a base model such as stories260K answe
 
 Tool calls use the Hermes/Qwen convention: the model writes
 ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``. ``tool_choice`` "required"
-or a named function constrains generation with a grammar so the call is well-formed.
+or a named function constrains generation with a grammar so the call is well-formed
+(``grammar.request.tool_call_grammar``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from engine.protocol import ModelInfo
 from errors import InvalidRequest
@@ -41,7 +41,6 @@ class ChatPrompt:
 
     text: str
     stops: list[str] = field(default_factory=list)
-    grammar: str | None = None
     parse_tools: bool = False
 
 
@@ -70,8 +69,7 @@ class ChatTemplate:
         except Exception as exc:  # templates raise on message orders they do not accept
             raise InvalidRequest(f"The model's chat template rejected the messages: {exc}",
                                  param="messages") from None
-        grammar = _tool_grammar(request) if use_tools else None
-        return ChatPrompt(rendered.prompt, list(self.stops), grammar, use_tools)
+        return ChatPrompt(rendered.prompt, list(self.stops), use_tools)
 
 
 def _message_dict(message: Any) -> dict[str, Any]:
@@ -86,29 +84,6 @@ def _message_dict(message: Any) -> dict[str, Any]:
 def _choice(request: ChatCompletionRequest) -> Any:
     choice = request.tool_choice
     return choice.model_dump() if hasattr(choice, "model_dump") else choice
-
-
-def _tool_grammar(request: ChatCompletionRequest) -> str | None:
-    """A grammar forcing one well-formed tool call when the request demands a call."""
-    choice = request.tool_choice
-    tools = request.tools or []
-    if choice == "required":
-        functions = [t.function for t in tools]
-    elif choice is not None and not isinstance(choice, str):
-        name = choice.function.get("name")
-        functions = [t.function for t in tools if t.function.name == name]
-        if not functions:
-            raise InvalidRequest(f"tool_choice names an unknown function: {name}", param="tool_choice")
-    else:
-        return None
-    schema = {"anyOf": [{"type": "object", "properties": {"name": {"const": f.name}, "arguments": f.parameters},
-                         "required": ["name", "arguments"]} for f in functions]}
-    try:
-        call_grammar = json_schema_to_gbnf(json.dumps(schema))
-    except Exception as exc:
-        raise InvalidRequest(f"Cannot build a grammar from the tool parameters: {exc}", param="tools") from None
-    call_grammar = re.sub(r"^root ::=", "call ::=", call_grammar, flags=re.MULTILINE)
-    return 'root ::= "<tool_call>" call "</tool_call>"\n' + call_grammar
 
 
 def extract_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:

@@ -1,17 +1,18 @@
 """Chat and text completions: from a validated request to OpenAI-shaped responses.
 
 A request's life: judged without its model (``request_checks.judge``), then lease the model
-(loading it if needed) and build prompt tokens and the ``Generation`` before any response
-byte is sent (so bad input still gets a 4xx), then either run it to the end under the
-model's generation lock, or return a stream whose iteration takes that lock. The lease is
-released when the response closes, which the WSGI server guarantees even when the client
-disconnects before the first chunk.
+(loading it if needed), tokenize in its worker and check what only the loaded model can
+judge before any response byte is sent (so bad input still gets a 4xx), submit the
+generation to the worker, and either collect it or stream it. The lease is released (and
+anything still running in the worker cancelled) when the response closes, which the WSGI
+server guarantees even when the client disconnects before the first chunk.
 
 Concurrency: the view's thread (or, for a stream that waits for a load, a ``pool`` thread)
-leases and prepares; generation runs on the thread iterating the response, holding the
-model's generation lock. A request waiting for that lock keeps looking for a hang-up
-(streams by writing ``: queued`` comments, others by polling waitress), so a client that
-left costs no prompt evaluation.
+leases and prepares; the thread iterating the response reads the worker's deltas from its
+queue (filled by the worker's reader thread). Generation itself runs in the worker,
+batched with the model's other requests. A request waiting for a slot, or for its prompt
+to be read, keeps looking for a hang-up (streams by writing ``: queued`` comments, all by
+polling waitress), so a client that left is cancelled in the worker within a step.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from chat_format import ChatTemplate, extract_tool_calls
 from engine.client import RequestFailed, Stream, WorkerCrashed
 from errors import ContextLengthExceeded, InferenceFailed, InvalidRequest, ModelCrashed, ServiceError
 from fingerprint import SYSTEM_FINGERPRINT
+from grammar.request import grammar_param
 from model_manager import Lease, ModelManager
 from request_checks import Verdict, check_token_ids
 from schemas import ChatCompletionRequest, CompletionRequest, _Generation
@@ -131,7 +133,6 @@ def prepare(manager: ModelManager, kind: str, request: _Generation, verdict: Ver
                 template = lease.cache["chat_template"] = ChatTemplate(info, lease.settings.chat_template)
             prompt = template.render(request)
             params.stop = params.stop + prompt.stops
-            params.grammar = prompt.grammar or params.grammar
             parse_tools = prompt.parse_tools
             prompts: list[list[int]] = [_tokenize(worker, prompt.text, prompt_param)]
         else:
@@ -205,12 +206,10 @@ def _worker_errors(job: Job) -> Iterator[None]:
 
 def _request_param(job: Job, param: str | None) -> str | None:
     """The worker names its inputs (``prompt``, ``grammar``); the client knows them by its own."""
-    request = job.request
     if param == "prompt" and job.kind == "chat":
         return "messages"
-    if param == "grammar" and request.grammar is None:
-        fmt = request.response_format
-        return "response_format" if fmt is not None and fmt.type != "text" else "tools"
+    if param == "grammar":
+        return grammar_param(job.request)
     return param
 
 

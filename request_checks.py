@@ -17,6 +17,8 @@ from pydantic import BaseModel
 
 from engine.protocol import SamplingParams
 from errors import InvalidRequest
+from grammar.checker import GrammarChecker
+from grammar.request import grammar_for
 from model_manager import Mode, ModelManager
 from schemas import CompletionRequest, _Generation
 
@@ -29,7 +31,7 @@ class Verdict:
     params: SamplingParams
 
 
-def judge(manager: ModelManager, request: _Generation, grammar_checker: Any = None) -> Verdict:
+def judge(manager: ModelManager, request: _Generation, grammars: GrammarChecker) -> Verdict:
     """Refuse what can be refused without the model; fill in the model's defaults."""
     model_id = manager.resolve(request.model)
     manager.check_mode(model_id, Mode.GENERATE)
@@ -50,32 +52,8 @@ def judge(manager: ModelManager, request: _Generation, grammar_checker: Any = No
         for prompt in request.prompts():
             if isinstance(prompt, list):
                 check_token_ids(prompt, n_vocab, "prompt")
-    grammar = request_grammar(request)
+    grammar = grammar_for(request, manager.model_file(model_id).path, grammars)
     return Verdict(model_id, sampling_params(request, grammar, logit_bias))
-
-
-def request_grammar(request: _Generation) -> str | None:
-    """The GBNF the request asks for: ``grammar`` itself, or one built from ``response_format``."""
-    fmt = request.response_format
-    if fmt is not None and fmt.type != "text":
-        return _format_grammar(fmt)
-    return request.grammar
-
-
-def _format_grammar(fmt: Any) -> str:
-    import json
-
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-
-    schema = fmt.json_schema.schema_ if fmt.json_schema is not None else fmt.schema_
-    if fmt.type == "json_object" and not schema:
-        return JSON_GBNF
-    if not schema:
-        raise InvalidRequest("response_format json_schema needs a schema", param="response_format")
-    try:
-        return json_schema_to_gbnf(json.dumps(schema))
-    except Exception as exc:  # the converter raises assorted errors on schemas it cannot express
-        raise InvalidRequest(f"Unsupported JSON schema: {exc}", param="response_format") from None
 
 
 def apply_defaults(request: _Generation, defaults: BaseModel) -> None:

@@ -30,6 +30,7 @@ import tasks
 from auth import install_auth
 from config import CONFIG_ENV, ConfigError, Settings, load_settings
 from errors import register_error_handlers
+from grammar.checker import GrammarChecker
 from metrics import Metrics
 from model_manager import Clock, Loader, ModelManager
 from openapi import install_openapi
@@ -44,8 +45,12 @@ QUIET_PATHS = ("/health", "/metrics")
 
 def create_app(settings: Settings, *, config_path: Path | None = None,
                overrides: dict[str, dict[str, Any]] | None = None, clock: Clock = time.monotonic,
-               loader: Loader | None = None, background: bool = True) -> Flask:
+               loader: Loader | None = None, background: bool = True,
+               grammars: GrammarChecker | None = None) -> Flask:
     """Build the WSGI app around a fresh ``ModelManager``; nothing is loaded yet.
+
+    ``grammars`` judges request grammars (default: a ``GrammarChecker`` with its default
+    time limit; its helper process starts on the first grammar, not here).
 
     With ``background`` the idle-eviction scheduler starts and the ``preload`` models
     begin loading in a thread (the app answers meanwhile).
@@ -57,7 +62,8 @@ def create_app(settings: Settings, *, config_path: Path | None = None,
     loader = loader or WorkerLauncher(settings.model_manager.worker_timeout, keep_spare=background)
     manager = ModelManager(settings.model_manager, settings.models, clock=clock, loader=loader)
     state = AppState(settings, manager, config_path, overrides or {}, metrics=Metrics(manager),
-                     pool=ThreadPoolExecutor(settings.server.threads, thread_name_prefix="stream-load"))
+                     pool=ThreadPoolExecutor(settings.server.threads, thread_name_prefix="stream-load"),
+                     grammars=grammars or GrammarChecker())
     if background:
         state.scheduler = tasks.start_scheduler(manager, settings.model_manager.check_interval)
         if settings.model_manager.preload:
@@ -89,6 +95,7 @@ def close_app(app: Flask, timeout: float | None = None) -> None:
         state.scheduler.shutdown(wait=False)
     state.manager.shutdown(state.manager.settings.unload_timeout if timeout is None else timeout)
     state.pool.shutdown(wait=False)
+    state.grammars.close()
 
 
 def _install_request_log(app: Flask) -> None:

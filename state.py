@@ -10,6 +10,7 @@ from typing import Any
 from flask import current_app
 
 from config import Settings
+from grammar.checker import GrammarChecker
 from model_manager import ModelManager
 
 EXTENSION = "llama_cpp_server"
@@ -17,7 +18,7 @@ EXTENSION = "llama_cpp_server"
 
 @dataclass
 class AppState:
-    """What one app instance owns: its settings, its model manager, its scheduler."""
+    """What one app instance owns: its settings, its model manager, its scheduler, its grammar checker."""
 
     settings: Settings
     manager: ModelManager
@@ -28,6 +29,7 @@ class AppState:
     scheduler: Any = None
     event_streams: Any = None  # a BoundedSemaphore: open /admin/events streams
     config_from_file: bool = False  # the running config was read from config_path (so it must stay there)
+    grammars: GrammarChecker = field(default_factory=GrammarChecker)  # starts its helper on the first grammar
     started: float = field(default_factory=time.monotonic)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -129,6 +130,7 @@ class LoadedModel:
         self._memory = llama._ctx.memory
         self._vocab = llama._model.vocab
         self._pieces: dict[int, bytes] = {}
+        self._eog: set[int] | None = None
         # llama.cpp may pad its context; llama-cpp-python's buffers are as asked.
         self.n_ctx = min(llama.n_ctx(), options.n_ctx) if options.n_ctx else llama.n_ctx()
         self.n_batch = llama.n_batch
@@ -244,9 +246,11 @@ class LoadedModel:
         return SequenceSampler(self, params)
 
     def eog_tokens(self) -> set[int]:
-        model = self.llama._model
-        candidates = {model.token_eos(), model.token_eot(), model.token_sep()}
-        return {t for t in candidates if t is not None and t >= 0 and self.is_eog(t)}
+        """Every end-of-generation token, not only eos/eot (``<|im_end|>`` too): any one left
+        unsuppressed under ``ignore_eos`` would be sampled and shown. Computed once."""
+        if self._eog is None:
+            self._eog = {t for t in range(self.n_vocab) if self.is_eog(t)}
+        return self._eog
 
     # ---- embeddings ----
 
@@ -295,8 +299,26 @@ class Batch:
         return i
 
 
+GRAMMAR_COMPLETE = -1  # from ``SequenceSampler.sample``: the grammar has nothing more to add
+GRAMMAR_TOKEN_SECONDS = 1.0  # grammar work allowed for one token before the request is refused
+TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
+
+
 class SequenceSampler:
-    """One sequence's sampler chain (bias, penalties, grammar, then greedy or top-k/top-p/min-p/temp/dist)."""
+    """One sequence's sampler chain (bias, penalties, grammar, then greedy or top-k/top-p/min-p/temp/dist).
+
+    With a grammar, llama.cpp can kill the process at sampling time: ``llama_sampler_sample``
+    applies the chain and then accepts the chosen token even when the grammar set every
+    candidate to -inf, and the grammar then aborts (``GGML_ABORT``: end-of-generation while it
+    is incomplete) or throws through the C API (``std::terminate``). Every candidate is -inf
+    when the grammar is complete but ``ignore_eos`` forced end-of-generation to -inf, or when
+    it demands text no token produces. So with a grammar a token is sampled in two stages:
+    the constraints (bias, penalties, grammar) are applied, what is left is looked at, then the
+    selection chain picks, and the grammar only ever accepts a token it allowed. ``ignore_eos``
+    applies after the grammar: end-of-generation is suppressed while the grammar can go on,
+    and a complete grammar ends the sequence cleanly (``GRAMMAR_COMPLETE``). A grammar that
+    allows nothing, or takes too long for one token, is the request's fault (``SamplerError``).
+    """
 
     def __init__(self, model: LoadedModel, params: SamplingParams) -> None:
         n_vocab = model.n_vocab
@@ -305,34 +327,93 @@ class SequenceSampler:
             if not model.valid_token(token):
                 raise SamplerError(f"logit_bias token {token} is outside the vocabulary (0..{n_vocab - 1})",
                                    "logit_bias")
-        if params.ignore_eos:
+        self._ctx = model._ctx
+        self._guard: _GrammarGuard | None = None
+        if params.ignore_eos and not params.grammar:
             bias.update({t: float("-inf") for t in model.eog_tokens()})
-        grammar = _grammar_sampler(model, params.grammar) if params.grammar else None
         self._chain = internals.LlamaSampler()
         chain = self._chain
         if bias:
             chain.add_logit_bias(n_vocab, bias)
         chain.add_penalties(n_vocab=n_vocab, penalty_last_n=PENALTY_LAST_N, penalty_repeat=params.repeat_penalty,
                             penalty_freq=params.frequency_penalty, penalty_present=params.presence_penalty)
-        if grammar is not None:
-            llama_cpp.llama_sampler_chain_add(chain.sampler, grammar)  # the chain owns and frees it
+        selection = chain
+        if params.grammar:
+            try:
+                llama_cpp.llama_sampler_chain_add(chain.sampler, _grammar_sampler(model, params.grammar))
+            except BaseException:
+                chain.close()
+                raise
+            selection = internals.LlamaSampler()
+            self._guard = _GrammarGuard(model, chain, selection, params)
         if params.temperature <= 0:
-            chain.add_greedy()
+            selection.add_greedy()
         else:
             seed = params.seed if params.seed is not None else random.getrandbits(32)
-            chain.add_top_k(params.top_k if params.top_k > 0 else n_vocab)
-            chain.add_top_p(params.top_p, 1)
-            chain.add_min_p(params.min_p, 1)
-            chain.add_temp(params.temperature)
-            chain.add_dist(seed & 0xFFFFFFFF)
-        self._ctx = model._ctx
+            selection.add_top_k(params.top_k if params.top_k > 0 else n_vocab)
+            selection.add_top_p(params.top_p, 1)
+            selection.add_min_p(params.min_p, 1)
+            selection.add_temp(params.temperature)
+            selection.add_dist(seed & 0xFFFFFFFF)
 
     def sample(self, batch_index: int) -> int:
-        """Sample (and accept) a token from the logits row of ``batch_index`` in the last decode."""
+        """Sample (and accept) a token from the logits row of ``batch_index`` in the last decode;
+        ``GRAMMAR_COMPLETE`` when the grammar has nothing more to add."""
+        if self._guard is not None:
+            return self._guard.sample(self._ctx, batch_index)
         return int(llama_cpp.llama_sampler_sample(self._chain.sampler, self._ctx, batch_index))
 
     def close(self) -> None:
         self._chain.close()
+        if self._guard is not None:
+            self._guard.selection.close()
+
+
+class _GrammarGuard:
+    """The two-stage sampling of a grammar-constrained sequence (see ``SequenceSampler``)."""
+
+    def __init__(self, model: LoadedModel, constraints: internals.LlamaSampler,
+                 selection: internals.LlamaSampler, params: SamplingParams) -> None:
+        self.n_vocab = n = model.n_vocab
+        self.constraints = constraints
+        self.selection = selection
+        self.token_seconds = params.grammar_token_seconds
+        self.tokens = 0
+        self._data = (llama_cpp.llama_token_data * n)()
+        self._view = np.frombuffer(self._data, dtype=TOKEN_DATA)
+        self._ids = np.arange(n, dtype=np.int32)
+        self._array = llama_cpp.llama_token_data_array(self._data, n, -1, False)
+        # Every end-of-generation token, not only eos/eot: any one left allowed would be sampled.
+        self._eog = (np.fromiter((model.is_eog(t) for t in range(n)), bool, n) if params.ignore_eos else None)
+
+    def sample(self, ctx: Any, batch_index: int) -> int:
+        started = time.perf_counter()
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, batch_index), shape=(self.n_vocab,))
+        view, array = self._view, self._array
+        view["id"] = self._ids  # the selection chain sorts the array in place: rebuild it every token
+        view["logit"] = logits
+        view["p"] = 0.0
+        array.size, array.selected, array.sorted = self.n_vocab, -1, False
+        llama_cpp.llama_sampler_apply(self.constraints.sampler, ctypes.byref(array))
+        allowed = np.isfinite(view["logit"])  # still in id order: these samplers do not reorder
+        if self._eog is not None and allowed.any():
+            if not (allowed & ~self._eog).any():
+                return GRAMMAR_COMPLETE
+            view["logit"][self._eog] = -np.inf
+        elif not allowed.any():
+            raise SamplerError(f"after {self.tokens} generated tokens the grammar allows no token this model "
+                               "can produce", "grammar")
+        llama_cpp.llama_sampler_apply(self.selection.sampler, ctypes.byref(array))
+        token = int(view["id"][array.selected])
+        llama_cpp.llama_sampler_accept(self.constraints.sampler, token)
+        llama_cpp.llama_sampler_accept(self.selection.sampler, token)
+        self.tokens += 1
+        seconds = time.perf_counter() - started
+        if seconds > self.token_seconds:
+            raise SamplerError(f"matching the grammar took {seconds:.1f} s for one token (the limit is "
+                               f"{self.token_seconds:g} s); its alternatives multiply as text grows, so simplify it",
+                               "grammar")
+        return token
 
 
 def _grammar_sampler(model: LoadedModel, gbnf: str) -> Any:

@@ -40,7 +40,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     logit_bias: dict[int, float] = field(default_factory=dict)
     ignore_eos: bool = False
-    grammar: str | None = None
+    grammar: str | None = None  # GBNF, already judged by grammar.checker
+    grammar_token_seconds: float = 1.0  # not a request field: grammar work allowed for one token
 
 
 @dataclass(frozen=True)

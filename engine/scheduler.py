@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine import protocol as p
-from engine.llama_adapter import LoadedModel, SamplerError, SequenceSampler
+from engine.llama_adapter import GRAMMAR_COMPLETE, LoadedModel, SamplerError, SequenceSampler
 from engine.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -230,8 +230,17 @@ class Scheduler:
             slot.cache.extend(request.tokens[len(slot.cache): len(slot.cache) + n])
             slot.last_used = self._clock
             row = logits_rows.get(slot.seq)
-            if row is not None:
-                self._sampled(slot, request.sampler.sample(row))
+            if row is None:
+                continue
+            try:
+                token = request.sampler.sample(row)
+            except SamplerError as exc:  # the grammar allows nothing, or too slowly: the request's fault
+                self._refuse(slot, str(exc), exc.param)
+                continue
+            if token == GRAMMAR_COMPLETE:
+                self._finish(slot, "stop")
+            else:
+                self._sampled(slot, token)
 
     def _decode(self) -> int:
         if self.fail_after_steps is not None:
@@ -303,6 +312,13 @@ class Scheduler:
             if tail:
                 self.send(p.Delta(request.id, tail))
         self.send(p.Done(request.id, request.completion_tokens, reason, request.first_token_at))
+
+    def _refuse(self, slot: Slot, message: str, param: str) -> None:
+        request = slot.request
+        assert request is not None
+        slot.request = None
+        request.sampler.close()
+        self.send(p.Error(request.id, "invalid_request", message, param=param))
 
     def _fail(self, slot: Slot, message: str) -> None:
         request = slot.request

@@ -198,14 +198,18 @@ class LiveServer:
 def start_live_server(models_dir: Path, manager: dict[str, Any] | None = None,
                       server: dict[str, Any] | None = None, clock: Callable[[], float] = time.monotonic,
                       config_path: Path | None = None, background: bool = True,
-                      models: dict[str, Any] | None = None) -> LiveServer:
-    """Start the app under waitress on a free loopback port; call ``_stop()`` when done."""
+                      models: dict[str, Any] | None = None, grammars: Any = None) -> LiveServer:
+    """Start the app under waitress on a free loopback port; call ``_stop()`` when done.
+
+    ``grammars``: the app's ``GrammarChecker`` (default: one with the default time limit).
+    """
     manager_settings = {"models_directory": models_dir, "n_ctx": 512, "n_gpu_layers": 0,
                         "n_threads": 1, **(manager or {})}
     settings = Settings.model_validate({"server": {"port": 0, "threads": 8, **(server or {})},
                                         "model_manager": manager_settings, "models": models or {}})
     loader = CountingLoader(settings.model_manager.worker_timeout)
-    app = create_app(settings, config_path=config_path, loader=loader, clock=clock, background=background)
+    app = create_app(settings, config_path=config_path, loader=loader, clock=clock, background=background,
+                     grammars=grammars)
     wsgi = build_wsgi_server(app, settings.server)
     stopping = threading.Event()
 

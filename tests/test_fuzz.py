@@ -1,4 +1,5 @@
-"""Hostile input: arbitrary JSON at every endpoint, and Schemathesis against /openapi.json.
+"""Hostile input: arbitrary JSON at every endpoint, hostile grammars and JSON schemas, and
+Schemathesis against /openapi.json.
 
 Whatever arrives, the answer is never a 500 and never a traceback; every error has the
 OpenAI shape. The server runs real models with a tiny context and a token cap, so even
@@ -11,12 +12,17 @@ import json
 import os
 import subprocess
 import sys
+import time
+from typing import Any
 
 import pytest
 import requests
 from conftest import LiveServer, check_response, sse_events
+from helpers import TOOLS_TEMPLATE, grammar_texts, json_schemas
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from grammar.checker import GrammarChecker
 
 ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/admin/load", "/admin/unload"]
 KEYS = ["model", "messages", "prompt", "input", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed",
@@ -24,6 +30,8 @@ KEYS = ["model", "messages", "prompt", "input", "max_tokens", "temperature", "to
         "keep_alive", "ignore_eos", "encoding_format", "timeout", "role", "content"]
 
 NAMES = ["tiny", "tiny.gguf", "../tiny", "\x00", "all", "user", "10m"]
+GRAMMAR_SECONDS = 2.0  # the fuzz server's compile limit
+ANSWER_SECONDS = 3 * GRAMMAR_SECONDS  # a compile that overruns, plus killing and restarting the helper
 scalars = (st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70)
            | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40) | st.sampled_from(NAMES))
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=5)
@@ -45,7 +53,10 @@ def fuzz_server(tmp_path_factory) -> LiveServer:
     models = tmp_path_factory.mktemp("fuzz-models")
     conftest.write_llama_model(models / "tiny.gguf", seed=1)
     conftest.write_llama_model(models / "tiny-chat.gguf", seed=2, chat_template=conftest.CHATML_TEMPLATE)
-    started = conftest.start_live_server(models, {"n_ctx": 64, "max_tokens_limit": 4, "unload_timeout": 1})
+    conftest.write_llama_model(models / "tiny-tools.gguf", seed=3, chat_template=TOOLS_TEMPLATE)
+    started = conftest.start_live_server(models, {"n_ctx": 64, "max_tokens_limit": 4, "unload_timeout": 1},
+                                         models={"tiny-tools": {"n_ctx": 2048}},  # the prompt lists the tools
+                                         grammars=GrammarChecker(timeout=GRAMMAR_SECONDS))
     yield started
     started._stop()
 
@@ -87,6 +98,71 @@ def test_deeply_nested_json_is_a_400(fuzz_server: LiveServer):
     response = requests.post(fuzz_server.url + "/v1/chat/completions", data=raw, timeout=30)
     assert response.status_code in (400, 413)
     assert_well_formed(response)
+
+
+GRAMMAR_FUZZ = settings(max_examples=60, deadline=None,
+                        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def assert_grammar_answer(live: LiveServer, path: str, body: dict[str, Any], params: set[str]) -> None:
+    """Never a 5xx or a hang; a refusal names one of ``params``; then the same model serves again."""
+    started = time.monotonic()
+    with requests.post(live.url + path, json=body, stream=body.get("stream", False), timeout=30) as response:
+        if response.status_code == 200 and body.get("stream"):
+            errors = [e["error"] for e in sse_events(response) if isinstance(e, dict) and "error" in e]
+        else:
+            assert_well_formed(response)
+            errors = [response.json()["error"]] if response.status_code >= 400 else []
+    assert time.monotonic() - started < ANSWER_SECONDS, body
+    assert response.status_code in (200, 400), response.text[:500]
+    for error in errors:
+        assert set(error) == {"message", "type", "param", "code"} and error["param"] in params, error
+        assert error["type"] == "invalid_request_error", error
+    after = requests.post(live.url + "/v1/completions", json={"model": body["model"], "prompt": "Hi"}, timeout=30)
+    assert after.status_code == 200, after.text[:500]
+
+
+@GRAMMAR_FUZZ
+@given(grammar=grammar_texts, chat=st.booleans(), stream=st.booleans(), ignore_eos=st.booleans())
+def test_hostile_grammars_never_break_the_server(fuzz_server: LiveServer, grammar: str, chat: bool, stream: bool,
+                                                  ignore_eos: bool):
+    common = {"model": "tiny-chat" if chat else "tiny", "grammar": grammar, "stream": stream,
+              "ignore_eos": ignore_eos}
+    if chat:
+        assert_grammar_answer(fuzz_server, "/v1/chat/completions",
+                              {**common, "messages": [{"role": "user", "content": "Hi"}]}, {"grammar"})
+    else:
+        assert_grammar_answer(fuzz_server, "/v1/completions", {**common, "prompt": "Hi"}, {"grammar"})
+
+
+@GRAMMAR_FUZZ
+@given(schema=json_schemas, shape=st.sampled_from(["json_schema", "json_object", "shorthand"]), chat=st.booleans())
+def test_hostile_response_format_schemas_never_break_the_server(fuzz_server: LiveServer, schema: dict[str, Any],
+                                                                 shape: str, chat: bool):
+    if shape == "json_schema":
+        fmt: dict[str, Any] = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    else:
+        fmt = {"type": "json_object" if shape == "json_object" else "json_schema", "schema": schema}
+    if chat:
+        body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}], "response_format": fmt}
+        assert_grammar_answer(fuzz_server, "/v1/chat/completions", body, {"response_format"})
+    else:
+        body = {"model": "tiny", "prompt": "Hi", "response_format": fmt}
+        assert_grammar_answer(fuzz_server, "/v1/completions", body, {"response_format"})
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(schemas=st.lists(json_schemas, min_size=1, max_size=2), named=st.booleans(), stream=st.booleans())
+def test_hostile_tool_parameters_never_break_the_server(fuzz_server: LiveServer, schemas: list[dict[str, Any]],
+                                                         named: bool, stream: bool):
+    tools = [{"type": "function", "function": {"name": f"f{i}", "parameters": schema}}
+             for i, schema in enumerate(schemas)]
+    choice: Any = {"type": "function", "function": {"name": "f0"}} if named else "required"
+    body = {"model": "tiny-tools", "messages": [{"role": "user", "content": "Hi"}], "tools": tools,
+            "tool_choice": choice, "stream": stream}
+    params = {"tools", *(f"tools[{i}].function.parameters" for i in range(len(tools)))}
+    assert_grammar_answer(fuzz_server, "/v1/chat/completions", body, params)
 
 
 def test_server_still_serves_after_fuzzing(fuzz_server: LiveServer):
