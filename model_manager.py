@@ -485,8 +485,11 @@ class ModelManager:
             on_exit=lambda exit_info: self._on_worker_exit(instance, exit_info))
 
     def _estimate(self, instance: Instance) -> int:
+        """Weights, KV cache and margin (``estimate_bytes``), plus the RAM its prompt cache may fill."""
         file = instance.file
-        return estimate_bytes(file.size, model_shape(file.path, file.size, file.created), self._context_size(file))
+        cache = self._settings.prompt_cache_bytes if instance.mode is Mode.GENERATE else 0
+        return estimate_bytes(file.size, model_shape(file.path, file.size, file.created),
+                              self._context_size(file)) + cache
 
     def _make_room(self, instance: Instance) -> None:
         """Unload idle models (LRU) until ``instance`` fits the count and memory limits, or wait."""

@@ -55,12 +55,19 @@ def test_pinned_model_survives_capacity_pressure(make_server, three_models):
 
 
 def test_memory_budget_evicts_for_room(make_server, three_models):
-    server = make_server({"memory_budget": "150MiB"})  # each tiny model is estimated at about 65 MiB
+    # Each tiny model is estimated at about 65 MiB without the RAM its prompt cache may fill.
+    server = make_server({"memory_budget": "150MiB", "prompt_cache_bytes": 0})
     completion(server, "tiny")
     completion(server, "tiny-chat")
     completion(server, "third")
     assert len(loaded(server)) == 2
     assert unload_reasons(server) == [("tiny", "memory")]
+
+
+def test_the_prompt_cache_counts_towards_the_estimate(make_server):
+    small = make_server({"prompt_cache_bytes": 0}).model_view("tiny")["estimated_memory_bytes"]
+    cached = make_server({"prompt_cache_bytes": "100MiB"}).model_view("tiny")["estimated_memory_bytes"]
+    assert cached - small == 100 * 2**20
 
 
 def test_model_larger_than_the_budget_is_refused_at_once(make_server):
