@@ -480,7 +480,7 @@ class ModelManager:
             n_threads=model.n_threads if model.n_threads is not None else settings.n_threads,
             embedding=instance.mode is Mode.EMBED, extra=model.load_arguments(),
             parallel=model.parallel if model.parallel is not None else settings.parallel,
-            prompt_cache_bytes=settings.prompt_cache_bytes,
+            prompt_cache_bytes=settings.prompt_cache_bytes, worker_timeout=settings.worker_timeout,
             progress=lambda fraction: self._on_progress(instance, fraction),
             on_exit=lambda exit_info: self._on_worker_exit(instance, exit_info))
 

@@ -40,6 +40,7 @@ class LoadOptions:
     embedding: bool = False
     parallel: int = 4
     prompt_cache_bytes: int = 0
+    worker_timeout: float = 60.0  # seconds of silence, with requests waiting, before the worker counts as hung
     extra: dict[str, Any] = field(default_factory=dict)  # more llama_cpp.Llama arguments
     progress: Callable[[float], None] | None = field(default=None, compare=False)
     on_exit: Callable[[ExitInfo], None] | None = field(default=None, compare=False)  # an unexpected exit
@@ -63,6 +64,7 @@ class WorkerLauncher:
         worker = self._take()
         worker.name = model.id
         worker.on_exit = options.on_exit
+        worker.worker_timeout = options.worker_timeout  # the value in force now, after any reload
         extra = dict(options.extra)
         model_options = ModelOptions(
             n_ctx=options.n_ctx, n_gpu_layers=options.n_gpu_layers, n_threads=options.n_threads,
