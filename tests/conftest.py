@@ -83,6 +83,7 @@ class CountingLoader:
     def __init__(self, worker_timeout: float = 30) -> None:
         self.launcher = WorkerLauncher(worker_timeout)
         self.loads: list[str] = []
+        self.spans: list[tuple[float, float]] = []  # (start, end) of each load, monotonic
         self.delay = 0.0
         self.fail_next: Exception | None = None
         self.close_gate: threading.Event | None = None  # when set, a model's close waits for it
@@ -127,11 +128,13 @@ class CountingLoader:
         with self._lock:
             self.loads.append(model.id)
             failure, self.fail_next = self.fail_next, None
+        started = time.monotonic()
         if self.delay:
             time.sleep(self.delay)
         if failure is not None:
             raise failure
         worker = self.launcher(model, options)
+        self.spans.append((started, time.monotonic()))
         if self._token_delay or self._fail_eval_after is not None:
             worker.tune(self._token_delay, self._fail_eval_after)
         real_close = worker.close

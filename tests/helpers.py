@@ -1,13 +1,42 @@
-"""Helpers shared by test modules: a chat template with tools, and Hypothesis strategies for
-grammars and JSON schemas (valid, odd and broken), built from the shapes that used to crash
-or hang the server."""
+"""Helpers shared by test modules: requests the lifecycle tests send, a clock that moves on
+cue, a chat template with tools, and Hypothesis strategies for grammars and JSON schemas
+(valid, odd and broken), built from the shapes that used to crash or hang the server."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import requests
+from conftest import JOIN_TIMEOUT, LiveServer
 from hypothesis import strategies as st
 from llama_cpp.llama_grammar import ARITHMETIC_GBNF, JSON_ARR_GBNF, JSON_GBNF, LIST_GBNF
+
+
+def completion(server: LiveServer, model: str = "tiny", **extra) -> requests.Response:
+    body = {"model": model, "prompt": "Hello", "max_tokens": 3, "temperature": 0, **extra}
+    return server.post("/v1/completions", body)
+
+
+def open_stream(server: LiveServer, model: str = "tiny", max_tokens: int = 200) -> requests.Response:
+    body = {"model": model, "prompt": "Hello", "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    response = requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=JOIN_TIMEOUT)
+    assert response.status_code == 200
+    return response
+
+
+class FakeClock:
+    """Monotonic time that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
 
 TOOLS_TEMPLATE = (
     "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"

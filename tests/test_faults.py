@@ -10,7 +10,7 @@ import pytest
 import requests
 from conftest import JOIN_TIMEOUT, LiveServer, sse_events
 from gguf_factory import write_llama_model
-from test_lifecycle import completion, open_stream
+from helpers import completion, open_stream
 
 
 def test_generation_failing_mid_stream_sends_error_then_done_and_frees_the_model(server: LiveServer):

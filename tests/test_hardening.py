@@ -8,17 +8,15 @@ listing that follows the models folder without a reload.
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
 from conftest import JOIN_TIMEOUT, LiveServer, chat_body, sse_events
 from gguf_factory import write_llama_model
-from test_lifecycle import completion, open_stream
+from helpers import completion, open_stream
 
 import sse
 from config import Settings
@@ -341,33 +339,6 @@ def test_localhost_resolving_to_two_addresses_serves_both(tmp_path, monkeypatch,
         thread.join(JOIN_TIMEOUT)
         server.close()
         close_app(app, 0)
-
-
-def test_shutdown_uses_the_unload_timeout_in_force(tmp_path):
-    """A reload that shortens unload_timeout is honoured by the shutdown (process test)."""
-    from test_process import free_port, launch, write_json
-
-    smollm = Path(__file__).resolve().parents[2] / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not smollm.exists():
-        pytest.skip(f"{smollm} not found")
-    workdir = tmp_path / "cwd"
-    workdir.mkdir()
-    (tmp_path / "models").mkdir()
-    shutil.copy(smollm, tmp_path / "models" / "smol.gguf")
-    config = write_json(workdir / "config.json", {"model_manager": {"unload_timeout": 120}})
-    port = free_port()
-    with launch(workdir, env={"LLAMA_SERVER_PORT": str(port), "LLAMA_SERVER_N_CTX": "4096"}) as proc:
-        proc.wait_healthy(port)
-        write_json(config, {"model_manager": {"unload_timeout": 0.5}})
-        assert requests.post(f"http://127.0.0.1:{port}/admin/reload", timeout=20).status_code == 200
-        body = {"model": "smol", "prompt": "Hello", "max_tokens": 4000, "ignore_eos": True, "stream": True}
-        with requests.post(f"http://127.0.0.1:{port}/v1/completions", json=body, stream=True, timeout=20) as stream:
-            next(line for line in stream.iter_lines() if line.startswith(b"data: {"))
-            proc.popen.terminate()
-            started = time.monotonic()
-            assert proc.wait() == 0
-            waited = time.monotonic() - started
-    assert waited < 10, f"shutdown waited {waited:.1f} s for a stream: the start-up unload_timeout was used"
 
 
 def test_embedding_token_ids_outside_the_vocabulary_are_400_before_loading(server: LiveServer):

@@ -13,7 +13,7 @@ import pytest
 import requests
 from conftest import JOIN_TIMEOUT, LiveServer, chat_body, sse_data, sse_events
 from gguf_factory import write_llama_model
-from test_lifecycle import FakeClock, completion, open_stream
+from helpers import FakeClock, completion, open_stream
 
 import completions
 from config import ConfigError, load_settings

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -218,3 +219,28 @@ def test_binding_beyond_localhost_without_keys_warns(workdir):
         proc.popen.send_signal(signal.SIGTERM)
         assert proc.wait() == 0
     assert "without api_keys: anyone who can reach this address can use the models" in proc.stderr()
+
+
+def test_shutdown_uses_the_unload_timeout_in_force(tmp_path):
+    """A reload that shortens unload_timeout is honoured by the shutdown (process test)."""
+    smollm = Path(__file__).resolve().parents[2] / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not smollm.exists():
+        pytest.skip(f"{smollm} not found")
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    (tmp_path / "models").mkdir()
+    shutil.copy(smollm, tmp_path / "models" / "smol.gguf")
+    config = write_json(workdir / "config.json", {"model_manager": {"unload_timeout": 120}})
+    port = free_port()
+    with launch(workdir, env={"LLAMA_SERVER_PORT": str(port), "LLAMA_SERVER_N_CTX": "4096"}) as proc:
+        proc.wait_healthy(port)
+        write_json(config, {"model_manager": {"unload_timeout": 0.5}})
+        assert requests.post(f"http://127.0.0.1:{port}/admin/reload", timeout=20).status_code == 200
+        body = {"model": "smol", "prompt": "Hello", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+        with requests.post(f"http://127.0.0.1:{port}/v1/completions", json=body, stream=True, timeout=20) as stream:
+            next(line for line in stream.iter_lines() if line.startswith(b"data: {"))
+            proc.popen.terminate()
+            started = time.monotonic()
+            assert proc.wait() == 0
+            waited = time.monotonic() - started
+    assert waited < 10, f"shutdown waited {waited:.1f} s for a stream: the start-up unload_timeout was used"

@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 from conftest import LiveServer, sse_events
-from test_lifecycle import completion, open_stream
+from helpers import completion, open_stream
 
 
 def worker_children() -> list[psutil.Process]:
