@@ -105,9 +105,8 @@ def _load_hooks(options: ModelOptions, on_progress: Callable[[float], None] | No
 
     def context_params() -> Any:
         params = context_defaults()
-        if not options.embedding:
-            params.n_seq_max = max(1, options.parallel)
-            params.kv_unified = True
+        params.n_seq_max = EMBED_SEQUENCES if options.embedding else max(1, options.parallel)
+        params.kv_unified = True
         return params
 
     _bindings.llama_model_default_params = model_params
@@ -254,23 +253,42 @@ class LoadedModel:
 
     # ---- embeddings ----
 
-    def embed(self, tokens: list[int]) -> np.ndarray:
-        """One pooled, unnormalised vector for ``tokens`` (mean of token vectors when the model has no pooling)."""
+    def embedding_groups(self, inputs: list[list[int]]) -> Iterator[list[list[int]]]:
+        """``inputs`` in order, as groups that fit one decode: at most ``EMBED_SEQUENCES``
+        sequences and ``n_batch`` tokens together (each input alone fits, as checked)."""
+        group: list[list[int]] = []
+        total = 0
+        for tokens in inputs:
+            if group and (len(group) == EMBED_SEQUENCES or total + len(tokens) > self.n_batch):
+                yield group
+                group, total = [], 0
+            group.append(tokens)
+            total += len(tokens)
+        if group:
+            yield group
+
+    def embed(self, group: list[list[int]]) -> list[np.ndarray]:
+        """One pooled, unnormalised vector per input of ``group``, all decoded at once, each as
+        its own sequence (the mean of its token vectors when the model has no pooling)."""
         self.llama._ctx.kv_cache_clear()
         batch = self.batch
         batch.clear()
-        for position, token in enumerate(tokens):
-            batch.add(token, position, 0, True)
+        spans = []
+        for seq, tokens in enumerate(group):
+            start = len(batch)
+            for position, token in enumerate(tokens):
+                batch.add(token, position, seq, True)
+            spans.append((start, len(batch)))
         rc = self.decode()
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
         n_embd = self.llama._model.n_embd()
         if self.llama.pooling_type() == llama_cpp.LLAMA_POOLING_TYPE_NONE:
-            rows = [np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_ith(self._ctx, i), shape=(n_embd,))
-                    for i in range(len(tokens))]
-            return np.mean(rows, axis=0).astype(np.float32)
-        pointer = llama_cpp.llama_get_embeddings_seq(self._ctx, 0)
-        return np.ctypeslib.as_array(pointer, shape=(n_embd,)).astype(np.float32)
+            def row(i: int) -> np.ndarray:
+                return np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_ith(self._ctx, i), shape=(n_embd,))
+            return [np.mean([row(i) for i in range(start, end)], axis=0).astype(np.float32) for start, end in spans]
+        return [np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_seq(self._ctx, seq), shape=(n_embd,))
+                .astype(np.float32) for seq in range(len(group))]
 
 
 class Batch:
@@ -299,6 +317,7 @@ class Batch:
         return i
 
 
+EMBED_SEQUENCES = 16  # inputs an embedding worker decodes together (within n_batch tokens)
 GRAMMAR_COMPLETE = -1  # from ``SequenceSampler.sample``: the grammar has nothing more to add
 GRAMMAR_TOKEN_SECONDS = 1.0  # grammar work allowed for one token before the request is refused
 TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data

@@ -197,8 +197,8 @@ class WorkerLoop:
                                           param="input", code=problem[1]))
                 return
         vectors: list[np.ndarray] = []
-        for tokens in message.inputs:
-            vectors.append(model.embed(tokens))
+        for group in model.embedding_groups(message.inputs):
+            vectors.extend(model.embed(group))
             self.channel.heartbeat()
         self.channel.send(p.Reply(message.id, vectors))
 

@@ -318,6 +318,16 @@ def test_embeddings_match_in_process_mean_pooling(make_worker: Callable[..., Wor
         drain(worker.generate(inputs[0], GREEDY))
 
 
+def test_embedding_inputs_decoded_together_match_each_alone(make_worker: Callable[..., Worker]) -> None:
+    worker = make_worker(embedding=True, n_ctx=512)
+    texts = [("Once upon a time " * (i % 7 + 1)).strip() for i in range(20)]  # two groups of up to 16
+    inputs = [worker.tokenize(text) for text in texts]
+    together = worker.embed(inputs)
+    alone = [worker.embed([tokens])[0] for tokens in inputs]
+    for got, want in zip(together, alone, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 ORPHAN_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
