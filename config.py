@@ -17,6 +17,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sampling import SamplingFields
+
 ENV_PREFIX = "LLAMA_SERVER_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 
@@ -72,20 +74,8 @@ class ManagerSettings(_Section):
         return parse_size(value) if isinstance(value, str) else value
 
 
-class SamplingDefaults(_Section):
-    """Per-model defaults merged under each request's own sampling fields."""
-
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=10)
-    top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repeat_penalty: float | None = Field(None, gt=0, le=10)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    ignore_eos: bool | None = None
+class SamplingDefaults(_Section, SamplingFields):
+    """Per-model defaults merged under each request's own sampling fields (only those set here)."""
 
 
 class ModelSettings(_Section):

@@ -20,6 +20,7 @@ from errors import InvalidRequest
 from grammar.checker import GrammarChecker
 from grammar.request import grammar_for
 from model_manager import Mode, ModelManager
+from sampling import SAMPLING_FIELDS
 from schemas import CompletionRequest, _Generation
 
 
@@ -77,10 +78,5 @@ def check_token_ids(tokens: Any, n_vocab: int, param: str) -> None:
 
 def sampling_params(request: _Generation, grammar: str | None, logit_bias: dict[int, float]) -> SamplingParams:
     """The request's sampling fields, as the token loop takes them."""
-    return SamplingParams(
-        max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-        top_k=request.top_k, min_p=request.min_p, repeat_penalty=request.repeat_penalty,
-        presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
-        seed=request.seed, stop=request.stops, ignore_eos=request.ignore_eos, grammar=grammar,
-        logit_bias=logit_bias,
-    )
+    fields = {name: getattr(request, name) for name in SAMPLING_FIELDS if name != "stop"}
+    return SamplingParams(**fields, stop=request.stops, grammar=grammar, logit_bias=logit_bias)

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from errors import InvalidRequest
+from sampling import SamplingFields
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 1024
@@ -71,23 +72,12 @@ _DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d|))+")
 KeepAlive = Annotated[float | None, BeforeValidator(parse_duration)]
 
 
-class _Generation(_Body):
-    """Fields shared by chat and text completions."""
+class _Generation(_Body, SamplingFields):
+    """Fields shared by chat and text completions (the sampling ones from ``SamplingFields``)."""
 
     model: str | None = None
     keep_alive: KeepAlive = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.8, ge=0, le=10)
-    top_p: float = Field(0.95, ge=0, le=1)
-    top_k: int = Field(40, ge=0)
-    min_p: float = Field(0.05, ge=0, le=1)
-    repeat_penalty: float = Field(1.0, gt=0, le=10)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    stop: str | list[str] | None = None
-    seed: int | None = None
     logit_bias: dict[str, float] | None = None
-    ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
@@ -110,13 +100,6 @@ class _Generation(_Body):
             if not -100 <= bias <= 100:
                 raise _field_error("logit_bias", "values must be between -100 and 100")
         return self
-
-    @property
-    def stops(self) -> list[str]:
-        """``stop`` as a list."""
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
 class TextPart(_Body):
