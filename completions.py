@@ -32,7 +32,7 @@ from flask import Response
 import sse
 from chat_format import ChatTemplate, extract_tool_calls
 from engine.client import RequestFailed, Stream, WorkerCrashed
-from errors import ContextLengthExceeded, InferenceFailed, InvalidRequest, ModelCrashed, ServiceError
+from errors import ContextLengthExceeded, InferenceFailed, InvalidRequest, ServiceError
 from fingerprint import SYSTEM_FINGERPRINT
 from grammar.request import grammar_param
 from model_manager import Lease, ModelManager
@@ -150,7 +150,7 @@ def prepare(manager: ModelManager, kind: str, request: _Generation, verdict: Ver
         return Job(kind, lease, request, prompts, streams, parse_tools, observer, disconnected)
     except WorkerCrashed as exc:
         lease.release()
-        raise ModelCrashed(f"{lease.model_id} crashed: {exc}") from None
+        raise lease.crashed(exc) from None
     except BaseException:
         lease.release()
         raise
@@ -175,6 +175,7 @@ def _deltas(job: Job, index: int) -> Iterator[str]:
     step). Errors from the worker become the API's errors.
     """
     stream = job.streams[index]
+    next_look = time.monotonic() + HANG_UP_POLL_SECONDS
     with _worker_errors(job):
         while True:
             try:
@@ -185,9 +186,13 @@ def _deltas(job: Job, index: int) -> Iterator[str]:
                 job.mark_generating()
             if text is not None:
                 yield text
-            elif job.disconnected():
-                job.close()
-                raise ClientGone("The client closed the connection")
+            # On a timer, not only when the worker is quiet: tokens may keep coming for a
+            # client that left (a stream finds out by writing; a collected answer cannot).
+            if time.monotonic() >= next_look:
+                next_look = time.monotonic() + HANG_UP_POLL_SECONDS
+                if job.disconnected():
+                    job.close()
+                    raise ClientGone("The client closed the connection")
 
 
 @contextmanager
@@ -201,7 +206,7 @@ def _worker_errors(job: Job) -> Iterator[None]:
         error = ContextLengthExceeded if exc.code == "context_length_exceeded" else InvalidRequest
         raise error(exc.message, param=_request_param(job, exc.param), code=exc.code) from None
     except WorkerCrashed as exc:
-        raise ModelCrashed(f"{job.lease.model_id} crashed: {exc}") from None
+        raise job.lease.crashed(exc) from None
 
 
 def _request_param(job: Job, param: str | None) -> str | None:

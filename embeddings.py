@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from engine.client import RequestFailed, WorkerCrashed
-from errors import ContextLengthExceeded, InvalidRequest, ModelCrashed
+from errors import ContextLengthExceeded, InferenceFailed, InvalidRequest
 from model_manager import Mode, ModelManager
 from request_checks import check_token_ids
 from schemas import EmbeddingRequest
@@ -24,18 +24,20 @@ def create_embeddings(manager: ModelManager, request: EmbeddingRequest) -> dict[
     _judge(manager, request)
     with manager.acquire(request.model, Mode.EMBED, keep_alive=request.keep_alive) as lease:
         worker = lease.worker
-        limit = worker.info.n_batch
-        inputs = [_tokens(worker, item) for item in request.inputs()]
-        for index, tokens in enumerate(inputs):
-            if len(tokens) > limit:
-                raise ContextLengthExceeded(f"input[{index}] has {len(tokens)} tokens; this model embeds at most "
-                                            f"{limit}", param="input")
         try:
+            inputs = [_tokens(worker, item) for item in request.inputs()]
+            limit = worker.info.n_batch
+            for index, tokens in enumerate(inputs):
+                if len(tokens) > limit:
+                    raise ContextLengthExceeded(f"input[{index}] has {len(tokens)} tokens; this model embeds at "
+                                                f"most {limit}", param="input")
             raw = worker.embed(inputs)
         except RequestFailed as exc:
+            if exc.kind != "invalid_request":
+                raise InferenceFailed(f"Embedding failed in {lease.model_id}: {exc.message}") from None
             raise InvalidRequest(exc.message, param="input", code=exc.code) from None
         except WorkerCrashed as exc:
-            raise ModelCrashed(f"{lease.model_id} crashed: {exc}") from None
+            raise lease.crashed(exc) from None
         pooled = [_normalised(vector) for vector in raw]
         model_id = lease.model_id
     if request.dimensions is not None and request.dimensions != len(pooled[0]):

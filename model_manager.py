@@ -136,8 +136,10 @@ class Lease:
     """A request's hold on a loaded instance; release it exactly once (idempotent)."""
 
     def __init__(self, manager: ModelManager, instance: Instance) -> None:
+        """Caller holds ``instance.cond`` and has seen it ``loaded``."""
         self._manager = manager
         self._instance = instance
+        self._worker = instance.worker  # kept: a crash clears the instance's, not the request's
         self._released = False
         self._release_lock = threading.Lock()
 
@@ -147,8 +149,18 @@ class Lease:
 
     @property
     def worker(self) -> Any:
-        """The model's worker (an ``engine.client.Worker``)."""
-        return self._instance.worker
+        """The model's worker (an ``engine.client.Worker``) as it was when the lease was granted."""
+        return self._worker
+
+    def crashed(self, error: Exception) -> ServiceError:
+        """The error for a request whose worker is gone; makes sure the manager knows too
+        (a worker can die before its reader reports it, e.g. right after its load)."""
+        if self._manager.closing:
+            return ShuttingDown("The server is shutting down")
+        exit_info = getattr(self._worker, "exit_info", None)
+        if exit_info is not None:
+            self._manager._on_worker_exit(self._instance, exit_info)
+        return ModelCrashed(f"{self.model_id} crashed: {error}")
 
     @property
     def cache(self) -> dict[str, Any]:
@@ -590,6 +602,10 @@ class ModelManager:
         except Exception as exc:  # a loader must never leave the model stuck in LOADING
             error = LoadFailed(f"failed to load model {instance.file.id}: {exc}")
         seconds = time.monotonic() - started
+        if error is None and not getattr(worker, "alive", True):  # died between its answer and now
+            exit_info = getattr(worker, "exit_info", None)
+            error = LoadFailed(f"failed to load model {instance.file.id}: "
+                               f"{exit_info.reason if exit_info else 'its worker exited'}")
         with instance.cond:
             if error is None:
                 instance.worker, instance.error, instance.cache = worker, None, {}

@@ -19,6 +19,8 @@ from sampling import SamplingFields
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 1024
+MAX_PROMPTS = 16
+_TOKEN_ID = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() takes other scripts' digits too
 MAX_EMBEDDING_INPUTS = 2048
 
 
@@ -95,7 +97,7 @@ class _Generation(_Body, SamplingFields):
             # stop string would make each token cost seconds.
             raise _field_error("stop", f"stop strings may be at most {MAX_STOP_LENGTH} characters long")
         for key, bias in (self.logit_bias or {}).items():
-            if not key.lstrip("-").isdigit():
+            if not _TOKEN_ID.fullmatch(key):
                 raise _field_error("logit_bias", f"keys must be token ids, got {key[:40]!r}")
             if not -100 <= bias <= 100:
                 raise _field_error("logit_bias", "values must be between -100 and 100")
@@ -177,6 +179,9 @@ class CompletionRequest(_Generation):
             raise _field_error("best_of", "only best_of=1 is supported")
         if isinstance(self.prompt, list) and not self.prompt:
             raise _field_error("prompt", "prompt must not be empty")
+        if isinstance(self.prompt, list) and isinstance(self.prompt[0], str) and len(self.prompt) > MAX_PROMPTS:
+            # Each prompt is a sequence in the model's worker: one request must not queue thousands.
+            raise _field_error("prompt", f"at most {MAX_PROMPTS} prompts per request")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -248,12 +253,38 @@ def parse_body(raw: bytes, schema: type[Body]) -> Body:
                              code="invalid_json") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object", code="invalid_json")
+    bad = _unencodable(data)
+    if bad is not None:
+        # JSON's \ud800 escapes decode to lone surrogates, which are not text: llama.cpp and
+        # every UTF-8 consumer downstream would choke on them.
+        raise InvalidRequest(f"Invalid '{bad}': the string holds a lone UTF-16 surrogate, which is not text",
+                             param=bad or None)
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
         raise _invalid(exc) from None
     except _FieldError as exc:
         raise InvalidRequest(str(exc), param=exc.param) from None
+
+
+def _unencodable(value: Any, path: str = "") -> str | None:
+    """The path of the first string (or key) that UTF-8 cannot encode, or None."""
+    pending = [(value, path)]
+    while pending:  # iterative: the body may nest as deep as the JSON parser allows
+        item, where = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                name = f"{where}.{key}" if where else str(key)
+                pending.append((key, name))
+                pending.append((child, name))
+        elif isinstance(item, list):
+            pending.extend((child, f"{where}[{i}]") for i, child in enumerate(item))
+    return None
 
 
 class _NonFinite(ValueError):

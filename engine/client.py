@@ -94,6 +94,7 @@ class ExitInfo:
     signal: str | None  # e.g. "SIGSEGV" when a signal ended it
     expected: bool  # True after close()
     reason: str  # one line, for logs and errors
+    output: str = ""  # the end of the worker's stderr (an assertion, a traceback): for the log only
 
 
 @dataclass
@@ -439,7 +440,8 @@ class Worker:
             self._stderr.close()
         if self._conn is not None:
             self._conn.close()
-        (log.info if expected else log.error)("worker exited name=%s %s", self.name, info.reason)
+        (log.info if expected else log.error)("worker exited name=%s %s%s", self.name, info.reason,
+                                              f"; its last output: {info.output}" if info.output else "")
         # The owner hears first, so a caller woken below that retries finds the instance already gone.
         if self.on_exit is not None:
             try:
@@ -465,10 +467,8 @@ class Worker:
         else:
             how = f"exited with code {returncode}"
         reason = f"worker {self.pid} ({self.name}) {how}"
-        tail = self._stderr_tail()
-        if tail and not expected:
-            reason += f"; its last output: {tail}"
-        return ExitInfo(self.pid or 0, returncode, name, expected, reason)
+        tail = self._stderr_tail() if not expected else ""
+        return ExitInfo(self.pid or 0, returncode, name, expected, reason, tail)
 
     def _stderr_tail(self) -> str:
         if self._stderr is None:

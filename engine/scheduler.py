@@ -147,6 +147,7 @@ class Scheduler:
         self.queue: deque[Sequence] = deque()
         self.cache = PromptCache(prompt_cache_bytes)
         self.kv_size = model.n_ctx
+        self._held = False  # a sequence was preempted: admit nothing until one finishes
         self.step_delay = 0.0  # test seam (protocol.Tune): seconds slept after each decode
         self.fail_after_steps: int | None = None  # test seam: the decode fails after this many more steps
         self._clock = 0  # steps and admissions, for LRU order
@@ -305,6 +306,7 @@ class Scheduler:
         request = slot.request
         assert request is not None
         slot.request = None
+        self._held = False
         slot.last_used = self._clock
         request.sampler.close()
         if reason != "cancelled":
@@ -317,6 +319,7 @@ class Scheduler:
         request = slot.request
         assert request is not None
         slot.request = None
+        self._held = False
         request.sampler.close()
         self.send(p.Error(request.id, "invalid_request", message, param=param))
 
@@ -324,6 +327,7 @@ class Scheduler:
         request = slot.request
         assert request is not None
         slot.request = None
+        self._held = False
         request.sampler.close()
         self.send(p.Error(request.id, "internal", message))
 
@@ -349,8 +353,11 @@ class Scheduler:
             idle = [slot for slot in self.slots if slot.request is None]
             if not idle:
                 return
-            request = self.queue.popleft()
+            request = self.queue[0]
             slot = self._choose_slot(idle, request.tokens)
+            if any(s.request for s in self.slots) and (self._held or not self._fits(slot, request.tokens)):
+                return  # it waits until a running sequence finishes and gives its room back
+            self.queue.popleft()
             cached = self._reuse(slot, request.tokens)
             slot.request = request
             slot.last_used = self._clock
@@ -360,6 +367,16 @@ class Scheduler:
                 self.send(p.Started(request.id, request.prompt_tokens, cached))
             if request.max_tokens == 0:
                 self._finish(slot, "length")
+
+    def _fits(self, slot: Slot, tokens: list[int]) -> bool:
+        """Whether ``tokens`` fit the KV cache in ``slot`` beside the active sequences, after
+        evicting other idle slots to the RAM cache. Admitting what does not fit would only
+        preempt it (or another) again at the next step, over and over."""
+        def free() -> int:  # the slot keeps its shared prefix and gives up the rest of its cache
+            return self.kv_size - self._kv_used() + len(slot.cache) - len(tokens)
+        if free() < 1:
+            self._make_room(len(tokens) - len(slot.cache) + 1, exclude=slot)
+        return free() >= 1
 
     def _choose_slot(self, idle: list[Slot], prompt: list[int]) -> Slot:
         """The idle slot sharing the longest prefix; else the least recently used (empty ones first)."""
@@ -456,6 +473,7 @@ class Scheduler:
         self._drop_kv(slot)
         self.queue.appendleft(request)
         self.stats["preemptions"] += 1
+        self._held = True  # not readmitted before some sequence finishes: no preempt-readmit loop
         return True
 
     def _evict(self, slot: Slot) -> None:

@@ -151,9 +151,23 @@ class WorkerLoop:
             if handler is None:
                 self._refuse_unknown(message)
             else:
-                handler(message)
+                self._handle(handler, message)
             if not self.conn.poll(0):
                 return
+
+    def _handle(self, handler: Callable[[Any], None], message: Any) -> None:
+        """Run one handler; a bug it hits fails that request, never the worker and every
+        other request on the model."""
+        try:
+            handler(message)
+        except ParentGone:
+            raise
+        except Exception as exc:
+            request_id = getattr(message, "id", None)
+            print(f"worker: {type(message).__name__} failed: {exc!r}", file=sys.stderr, flush=True)
+            if request_id is not None:
+                self.channel.send(p.Error(request_id, "internal", f"{type(message).__name__} failed: "
+                                                                  f"{type(exc).__name__}"))
 
     def _next_message(self) -> Any:
         while not self.conn.poll(IDLE_POLL_SECONDS):

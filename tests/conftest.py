@@ -87,6 +87,7 @@ class CountingLoader:
         self.delay = 0.0
         self.fail_next: Exception | None = None
         self.close_gate: threading.Event | None = None  # when set, a model's close waits for it
+        self.after_load: Callable[[Any], None] | None = None  # runs on each loaded worker before the manager sees it
         self.workers: list[Any] = []
         self._token_delay = 0.0
         self._fail_eval_after: int | None = None
@@ -135,6 +136,8 @@ class CountingLoader:
             raise failure
         worker = self.launcher(model, options)
         self.spans.append((started, time.monotonic()))
+        if self.after_load is not None:
+            self.after_load(worker)
         if self._token_delay or self._fail_eval_after is not None:
             worker.tune(self._token_delay, self._fail_eval_after)
         real_close = worker.close

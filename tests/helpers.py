@@ -4,6 +4,8 @@ cue, a chat template with tools, and Hypothesis strategies for grammars and JSON
 
 from __future__ import annotations
 
+import json
+import socket
 from typing import Any
 
 import requests
@@ -23,6 +25,16 @@ def open_stream(server: LiveServer, model: str = "tiny", max_tokens: int = 200) 
     response = requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=JOIN_TIMEOUT)
     assert response.status_code == 200
     return response
+
+
+def raw_request(server: LiveServer, path: str, body: dict) -> socket.socket:
+    """Send a POST over a bare socket and return it unread, so the test can hang up at will."""
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=JOIN_TIMEOUT)
+    data = json.dumps(body).encode()
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
 
 
 class FakeClock:

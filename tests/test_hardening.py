@@ -16,7 +16,7 @@ import pytest
 import requests
 from conftest import JOIN_TIMEOUT, LiveServer, chat_body, sse_events
 from gguf_factory import write_llama_model
-from helpers import completion, open_stream
+from helpers import completion, open_stream, raw_request
 
 import sse
 from config import Settings
@@ -33,16 +33,6 @@ def strict_json(text: str) -> object:
 
 def unloaded_events(server: LiveServer) -> list[tuple[str, str]]:
     return [(e["model"], e["reason"]) for e in server.manager.events.history() if e["event"] == "unloaded"]
-
-
-def raw_request(server: LiveServer, path: str, body: dict) -> socket.socket:
-    """Send a POST over a bare socket and return it unread, so the test can hang up at will."""
-    host, port = server.url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=JOIN_TIMEOUT)
-    data = json.dumps(body).encode()
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
-    return sock
 
 
 # ----------------------------------------------------------------------- crashes
@@ -352,3 +342,32 @@ def test_embedding_token_ids_outside_the_vocabulary_are_400_before_loading(serve
 def test_a_huge_stop_string_is_refused(server: LiveServer):
     reply = completion(server, stop=["x" * 100_000])
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "stop"
+
+
+@pytest.mark.parametrize(("path", "raw", "param"), [
+    ("/v1/completions", b'{"model": "tiny", "prompt": "\\ud800", "max_tokens": 2}', "prompt"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": ["ok", "x\\udfff"], "max_tokens": 2}', "prompt[1]"),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "hi \\udc00"}]}',
+     "messages[0].content"),
+    ("/v1/embeddings", b'{"model": "tiny", "input": "\\ud800"}', "input"),
+])
+def test_a_lone_surrogate_is_a_400_and_kills_no_worker(server: LiveServer, path, raw, param):
+    assert completion(server).status_code == 200
+    pid = server.model_view("tiny")["pid"]
+    reply = requests.post(server.url + path, data=raw, timeout=JOIN_TIMEOUT,
+                          headers={"Content-Type": "application/json"})
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param and "surrogate" in reply.json()["error"]["message"]
+    assert server.model_view("tiny")["pid"] == pid and completion(server).status_code == 200
+
+
+def test_one_request_cannot_queue_thousands_of_prompts(server: LiveServer):
+    reply = server.post("/v1/completions", {"model": "tiny", "prompt": ["once upon"] * 3000, "max_tokens": 2})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "prompt"
+    assert server.post("/v1/completions", {"model": "tiny", "prompt": ["a", "b"], "max_tokens": 2}).status_code == 200
+    assert server.loader.loads == ["tiny"]
+
+
+def test_logit_bias_keys_are_ascii_token_ids(server: LiveServer):
+    reply = server.post("/v1/completions", {"model": "tiny", "prompt": "Hi", "logit_bias": {"\u0661": 1}})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "logit_bias"

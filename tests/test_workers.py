@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 from conftest import LiveServer, sse_events
-from helpers import completion, open_stream
+from helpers import completion, open_stream, raw_request
 
 
 def worker_children() -> list[psutil.Process]:
@@ -91,3 +91,46 @@ def test_health_shows_each_loaded_instance_worker_pid(server: LiveServer):
     assert completion(server).status_code == 200
     pid = server.model_view("tiny")["pid"]
     assert psutil.Process(pid).cmdline()[-2:-1] == ["engine.worker"]
+
+
+def test_a_client_gone_while_tokens_flow_is_noticed_without_a_stream(server: LiveServer):
+    """Tokens arriving faster than the hang-up poll used to hide the hang-up until max_tokens."""
+    assert completion(server).status_code == 200
+    server.loader.token_delay = 0.02
+    sock = raw_request(server, "/v1/completions", {"model": "tiny", "prompt": "Hello", "max_tokens": 400,
+                                                   "ignore_eos": True})
+    server.wait_for(lambda: server.model_view("tiny")["in_flight"] == 1)
+    time.sleep(0.5)
+    sock.close()
+    server.wait_for(lambda: server.model_view("tiny")["in_flight"] == 0, timeout=3)
+    decoded = server.loader.decoded_tokens
+    time.sleep(0.3)
+    assert server.loader.decoded_tokens == decoded  # cancelled in the worker, long before 400 tokens
+
+
+def test_a_worker_dead_right_after_its_load_is_a_failed_load_not_a_wedged_model(server: LiveServer):
+    def kill_it(worker) -> None:
+        os.kill(worker.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while worker.alive and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    server.loader.after_load = kill_it
+    reply = completion(server)
+    assert reply.status_code == 500 and "SIGKILL" in reply.json()["error"]["message"]
+    assert server.model_view("tiny")["state"] == "failed"
+    server.loader.after_load = None
+    assert completion(server).status_code == 200  # the next request loads it again
+
+
+def test_streams_cut_by_the_shutdown_say_so(server: LiveServer):
+    assert completion(server).status_code == 200
+    server.loader.token_delay = 0.02
+    import threading
+
+    with open_stream(server, max_tokens=300) as stream:
+        events = sse_events(stream)
+        next(events)
+        threading.Thread(target=server.manager.shutdown, args=(0.2,), daemon=True).start()
+        rest = list(events)
+    assert rest[-1] == "[DONE]" and rest[-2]["error"]["code"] == "shutting_down"
