@@ -14,6 +14,7 @@ import http.client
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -37,6 +38,9 @@ class StreamResult:
     completion_tokens: int  # usage.completion_tokens when reported, else the content chunks
     content_chunks: int
     usage_reported: bool
+    prompt_tokens: int | None = None  # usage.prompt_tokens, when reported
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when reported
+    text: str = ""  # the generated text, all chunks joined
 
     @property
     def tokens_per_s(self) -> float:
@@ -56,8 +60,12 @@ class Endpoint:
         self.timeout = timeout
         self._local = threading.local()
 
-    def stream(self, path: str, body: dict[str, Any]) -> StreamResult:
-        """POST ``body`` to ``path`` and read the event stream to its end."""
+    def stream(self, path: str, body: dict[str, Any],
+               on_first_token: Callable[[], None] | None = None) -> StreamResult:
+        """POST ``body`` to ``path`` and read the event stream to its end.
+
+        ``on_first_token`` is called (on this thread) as soon as the first text arrives.
+        """
         payload = json.dumps(body).encode()
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         for attempt in range(2):
@@ -73,7 +81,7 @@ class Endpoint:
                     raise
         if response.status != 200:
             raise BenchError(f"POST {path}: HTTP {response.status}: {response.read()[:300]!r}")
-        buffer, seconds, first = _read_events(response, started)
+        buffer, seconds, first = _read_events(response, started, on_first_token)
         return _summarize(path, buffer, seconds, first)
 
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -108,7 +116,8 @@ class Endpoint:
         return conn
 
 
-def _read_events(response: http.client.HTTPResponse, started: float) -> tuple[bytes, float, float | None]:
+def _read_events(response: http.client.HTTPResponse, started: float,
+                 on_first_token: Callable[[], None] | None = None) -> tuple[bytes, float, float | None]:
     """Read until ``[DONE]``; return the bytes, the seconds to the end, and to the first token."""
     buffer = bytearray()
     first: float | None = None
@@ -122,6 +131,8 @@ def _read_events(response: http.client.HTTPResponse, started: float) -> tuple[by
         if first is None:
             found, scanned = _scan_for_text(buffer, scanned)
             first = now - started if found else None
+            if found and on_first_token is not None:
+                on_first_token()
         if buffer[-24:].rstrip().endswith(DONE):
             break
     response.read()  # the closing chunk, so the connection can be reused
@@ -149,6 +160,8 @@ def _text(event: dict[str, Any]) -> str:
 
 def _summarize(path: str, buffer: bytes, seconds: float, first: float | None) -> StreamResult:
     chunks, completion_tokens = 0, None
+    prompt_tokens = cached_tokens = None
+    texts: list[str] = []
     for event in buffer.replace(b"\r\n", b"\n").split(b"\n\n"):
         event = event.strip()
         if not event.startswith(b"data:") or event.endswith(DONE):
@@ -156,9 +169,14 @@ def _summarize(path: str, buffer: bytes, seconds: float, first: float | None) ->
         data = json.loads(event[5:])
         if "error" in data:
             raise BenchError(f"POST {path}: error event in the stream: {data['error']}")
-        chunks += bool(_text(data))
+        text = _text(data)
+        chunks += bool(text)
+        texts.append(text)
         usage = data.get("usage")
         if usage and usage.get("completion_tokens") is not None:
             completion_tokens = int(usage["completion_tokens"])
+            prompt_tokens = usage.get("prompt_tokens")
+            cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
     tokens = chunks if completion_tokens is None else completion_tokens
-    return StreamResult(seconds, first, tokens, chunks, completion_tokens is not None)
+    return StreamResult(seconds, first, tokens, chunks, completion_tokens is not None, prompt_tokens, cached_tokens,
+                        "".join(texts))

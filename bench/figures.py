@@ -44,7 +44,7 @@ class Bench:
     models: dict[str, Model]  # by role: "stories", "mid", "big"
     local: LocalModels
     ours: bool  # our server, started here: the admin API and every role's model are there
-    server_pid: int | None = None  # ours only: its CPU time is told apart from other processes'
+    server_pid: int | None = None  # ours only (the CPU meter counts the benchmark's whole process tree)
     llama_server: Callable[[Model], Endpoint] | None = None  # starts (once per model) llama.cpp's C++ server
 
     def rounds(self, cheap: bool = False) -> int:
@@ -107,15 +107,15 @@ def ttft(bench: Bench) -> list[Row]:
     for model in bench.roles("stories", "big"):
         llama = bench.local.get(model.path)
         sides = {
-            "server": lambda i, m=model: {"ms": _server_first_token(bench, m, _short(i)) * 1e3},
-            "in-process": lambda i, ll=llama: {"ms": inprocess.first_token(ll, _short(i)) * 1e3},
+            "server": lambda i, m=model: {"ms": _server_first_token(bench, m, short_prompt(i)) * 1e3},
+            "in-process": lambda i, ll=llama: {"ms": inprocess.first_token(ll, short_prompt(i)) * 1e3},
         }
         samples = run_rounds(f"ttft {model.id}", sides, bench.rounds(cheap=True))
         rows.append(compare("ttft", model.id, "ms", samples, "server", "in-process", "ms", Target("diff<=", 5)))
     return rows
 
 
-def _short(index: int) -> str:
+def short_prompt(index: int) -> str:
     return SHORT_PROMPTS[index % len(SHORT_PROMPTS)]
 
 
@@ -134,8 +134,8 @@ def cold(bench: Bench) -> list[Row]:
     rows = []
     for model in bench.roles("stories", "big"):
         sides = {
-            "server": lambda i, m=model: _cold_server(bench, m, _short(i)),
-            "in-process": lambda i, m=model: _ms(inprocess.cold_first_token(bench.local, m.path, _short(i))),
+            "server": lambda i, m=model: _cold_server(bench, m, short_prompt(i)),
+            "in-process": lambda i, m=model: _ms(inprocess.cold_first_token(bench.local, m.path, short_prompt(i))),
         }
         samples = run_rounds(f"cold {model.id}", sides, bench.rounds())
         row = compare("cold", model.id, "ms", samples, "server", "in-process", "ms", Target("ratio<=", 1.10))
@@ -165,7 +165,8 @@ def rps(bench: Bench) -> list[Row]:
     def server(index: int) -> Sample:
         started = time.perf_counter()
         for k in range(per_round):
-            reply = bench.endpoint.post("/v1/completions", completion_body(model, _short(index + k), 1, stream=False))
+            body = completion_body(model, short_prompt(index + k), 1, stream=False)
+            reply = bench.endpoint.post("/v1/completions", body)
             if reply["usage"]["completion_tokens"] != 1:
                 raise RuntimeError(f"expected one token, got {reply['usage']}")
         return _per_request(time.perf_counter() - started, per_round)
@@ -173,7 +174,7 @@ def rps(bench: Bench) -> list[Row]:
     def local(index: int) -> Sample:
         started = time.perf_counter()
         for k in range(per_round):
-            inprocess.first_token(llama, _short(index + k))
+            inprocess.first_token(llama, short_prompt(index + k))
         return _per_request(time.perf_counter() - started, per_round)
 
     samples = run_rounds("rps", {"server": server, "in-process": local}, bench.rounds())
@@ -210,7 +211,7 @@ def parallel(bench: Bench) -> list[Row]:
 
     def concurrent(_index: int) -> Sample:
         started = time.perf_counter()
-        _run_threads([lambda m=model, n=n: server_stream(bench, m, PROMPT, n) for model, n in streams])
+        run_threads([lambda m=model, n=n: server_stream(bench, m, PROMPT, n) for model, n in streams])
         return {"tokens_per_s": total / (time.perf_counter() - started)}
 
     samples = run_rounds("parallel", {"concurrent": concurrent, "sequential": sequential}, bench.rounds())
@@ -235,7 +236,7 @@ def _balanced_tokens(bench: Bench, pair: list[Model]) -> dict[str, int]:
     return budget
 
 
-def _run_threads(jobs: list[Callable[[], Any]]) -> None:
+def run_threads(jobs: list[Callable[[], Any]]) -> None:
     """Run ``jobs`` in threads started together; re-raise the first failure."""
     errors: list[BaseException] = []
     gate = threading.Barrier(len(jobs))
@@ -319,7 +320,7 @@ def _busy_health(bench: Bench, streaming: list[Model], loading: Model, at_least:
 
     def background() -> None:
         try:
-            _run_threads([*(lambda m=model: stream_until_stopped(m) for model in streaming), reload])
+            run_threads([*(lambda m=model: stream_until_stopped(m) for model in streaming), reload])
         except BaseException as exc:
             errors.append(exc)
 

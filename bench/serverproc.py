@@ -40,12 +40,16 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """One run of server.py; ``profile`` runs it under ``bench.profile_server`` (every thread)."""
+    """One run of server.py; ``profile`` runs it under ``bench.profile_server`` (every thread).
 
-    def __init__(self, config: Path, log_path: Path, profile: Path | None = None) -> None:
+    ``cwd`` is its working directory, where it looks for a ``.env`` (the project's root by default).
+    """
+
+    def __init__(self, config: Path, log_path: Path, profile: Path | None = None, cwd: Path = ROOT) -> None:
         self.config = config
         self.log_path = log_path
         self.profile = profile
+        self.cwd = cwd
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self._process: subprocess.Popen[bytes] | None = None
@@ -64,7 +68,7 @@ class ServerProcess:
         """Start the server and wait until /health answers; returns its base URL."""
         settings = json.loads(self.config.read_text(encoding="utf-8"))["model_manager"]
         with self.log_path.open("wb") as log_file:
-            self._process = subprocess.Popen(self.command(), cwd=ROOT, env=_pinned_env(settings),
+            self._process = subprocess.Popen(self.command(), cwd=self.cwd, env=_pinned_env(settings),
                                              stdout=log_file, stderr=subprocess.STDOUT)
         log.info("server started pid=%d url=%s log=%s", self._process.pid, self.base_url, self.log_path)
         self._wait_ready()
@@ -115,22 +119,27 @@ def _pinned_env(settings: dict[str, Any]) -> dict[str, str]:
 
 
 class LlamaServerProcess(ServerProcess):
-    """llama.cpp's own C++ ``llama-server`` on one model file, with our threads and context."""
+    """llama.cpp's own C++ ``llama-server`` on one model file, with the given options (see ``pinned_options``)."""
 
-    def __init__(self, binary: Path, model: Path, log_path: Path, n_ctx: int, n_threads: int) -> None:
+    def __init__(self, binary: Path, model: Path, log_path: Path, options: list[str]) -> None:
         super().__init__(config=model, log_path=log_path)
-        self.binary, self.model, self.n_ctx, self.n_threads = binary, model, n_ctx, n_threads
+        self.binary, self.model, self.options = binary, model, options
 
     def command(self) -> list[str]:
-        return [str(self.binary), "-m", str(self.model), "--host", "127.0.0.1", "--port", str(self.port),
-                "-t", str(self.n_threads), "-tb", str(self.n_threads), "-c", str(self.n_ctx), "-ngl", "0",
-                "-np", "1", "--no-webui"]
+        return [str(self.binary), "-m", str(self.model), "--port", str(self.port), *self.options]
 
     def start(self) -> str:
         """Start it and wait until /health answers; returns its base URL."""
         with self.log_path.open("wb") as log_file:
             self._process = subprocess.Popen(self.command(), stdout=log_file, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL)
-        log.info("llama-server started pid=%d url=%s model=%s", self._process.pid, self.base_url, self.model.name)
+        log.info("llama-server started pid=%d url=%s model=%s options=%s", self._process.pid, self.base_url,
+                 self.model.name, " ".join(self.options) or "(its defaults)")
         self._wait_ready()
         return self.base_url
+
+
+def pinned_options(n_ctx: int, n_threads: int) -> list[str]:
+    """llama-server options matching the in-process side: threads, context, CPU only, one slot."""
+    return ["--host", "127.0.0.1", "-t", str(n_threads), "-tb", str(n_threads), "-c", str(n_ctx), "-ngl", "0",
+            "-np", "1", "--no-webui"]
