@@ -68,7 +68,7 @@ from errors import (
 from events import EventBus
 from gguf_meta import Shape, estimate_bytes, model_shape
 from memory import MemoryProbe
-from workers import LoadOptions, WorkerLauncher
+from workers import LoadOptions, WorkerLauncher, default_threads
 
 log = logging.getLogger(__name__)
 
@@ -489,7 +489,7 @@ class ModelManager:
         return LoadOptions(
             n_ctx=n_ctx,
             n_gpu_layers=model.n_gpu_layers if model.n_gpu_layers is not None else settings.n_gpu_layers,
-            n_threads=model.n_threads if model.n_threads is not None else settings.n_threads,
+            n_threads=model.n_threads or settings.n_threads or default_threads(),
             embedding=instance.mode is Mode.EMBED, extra=model.load_arguments(),
             parallel=model.parallel if model.parallel is not None else settings.parallel,
             prompt_cache_bytes=settings.prompt_cache_bytes, worker_timeout=settings.worker_timeout,

@@ -14,11 +14,14 @@ for it, outside every lock, so loads of different models proceed in parallel.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from discovery import ModelFile
 from engine.client import ExitInfo, LoadError, Worker, WorkerError
@@ -120,6 +123,16 @@ class WorkerLauncher:
                 self._spare = worker
         if worker is not None and not keep:
             worker.close()
+
+
+def default_threads() -> int:
+    """Compute threads per model when none are configured: one per physical core.
+
+    As llama-server does. Hyper-threads share a core's arithmetic units, so counting them
+    adds contention, not speed; and llama-cpp-python's own default (half the logical CPUs)
+    leaves a 2-core machine decoding on one.
+    """
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 def diagnose(model: ModelFile, reason: str) -> Exception:

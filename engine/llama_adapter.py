@@ -85,7 +85,8 @@ class NativeLog:
 
 @contextmanager
 def _load_hooks(options: ModelOptions, on_progress: Callable[[float], None] | None) -> Iterator[None]:
-    """Set n_seq_max/kv_unified and the progress callback on the params ``Llama`` builds."""
+    """Set n_seq_max/kv_unified, flash attention and the progress callback on the params
+    ``Llama`` builds."""
     model_defaults = _bindings.llama_model_default_params
     context_defaults = _bindings.llama_context_default_params
 
@@ -109,13 +110,25 @@ def _load_hooks(options: ModelOptions, on_progress: Callable[[float], None] | No
         params.kv_unified = True
         return params
 
+    init_context = _bindings.llama_init_from_model
+
+    def init_from_model(model: Any, params: Any) -> Any:
+        # llama-cpp-python can only force flash attention on or off; unless the config
+        # says, let llama.cpp enable it where the backend supports it, as llama-server does
+        # (a long prompt reads about 15% faster on a CPU).
+        if "flash_attn" not in options.extra:
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        return init_context(model, params)
+
     _bindings.llama_model_default_params = model_params
     _bindings.llama_context_default_params = context_params
+    _bindings.llama_init_from_model = init_from_model
     try:
         yield
     finally:
         _bindings.llama_model_default_params = model_defaults
         _bindings.llama_context_default_params = context_defaults
+        _bindings.llama_init_from_model = init_context
 
 
 class LoadedModel:

@@ -331,7 +331,11 @@ def test_embeddings_match_in_process_mean_pooling(make_worker: Callable[..., Wor
         llama.close()
     assert [v.shape for v in vectors] == [(64,), (64,)]
     for got, want in zip(vectors, expected, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        # The worker lets llama.cpp use flash attention (in-process Llama() cannot ask for
+        # "auto"): the same vector up to float rounding.
+        cosine = float(np.dot(got, want) / (np.linalg.norm(got) * np.linalg.norm(want)))
+        assert cosine > 0.99999, cosine
+        np.testing.assert_allclose(got, want, atol=5e-3)
     with pytest.raises(RequestFailed, match="embeddings"):
         drain(worker.generate(inputs[0], GREEDY))
 
@@ -342,8 +346,10 @@ def test_embedding_inputs_decoded_together_match_each_alone(make_worker: Callabl
     inputs = [worker.tokenize(text) for text in texts]
     together = worker.embed(inputs)
     alone = [worker.embed([tokens])[0] for tokens in inputs]
-    for got, want in zip(together, alone, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    for got, want in zip(together, alone, strict=True):  # equal up to flash attention's rounding
+        cosine = float(np.dot(got, want) / (np.linalg.norm(got) * np.linalg.norm(want)))
+        assert cosine > 0.99999, cosine
+        np.testing.assert_allclose(got, want, atol=5e-3)
 
 
 ORPHAN_SCRIPT = """
