@@ -135,14 +135,20 @@ class Stream:
         ever); ``StopIteration`` once the generation is over."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.finished:
-            try:
-                message = self._inbox.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
+            message = self._next(deadline)
+            if message is None:
                 return None
             if isinstance(message, p.Delta):
                 return message.text
             self._absorb(message)
         raise StopIteration
+
+    def _next(self, deadline: float | None) -> Any:
+        """The next message for this request, or None once ``deadline`` (monotonic) passed."""
+        try:
+            return self._inbox.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return None
 
     def _absorb(self, message: Any) -> None:
         if isinstance(message, p.Started):
@@ -169,9 +175,8 @@ class Stream:
         (``prompt_tokens``/``cached_tokens`` known) or is over; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.started:
-            try:
-                message = self._inbox.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
+            message = self._next(deadline)
+            if message is None:
                 return False
             if isinstance(message, p.Delta):
                 raise RuntimeError("wait_started must be called before iterating")
