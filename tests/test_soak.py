@@ -39,14 +39,27 @@ class Tally:
     crashed: int = 0  # requests that ended with model_crashed: expected, a kill hit their model
     kills: int = 0
 
-    def record(self, kind: str, status: int) -> None:
+    def record(self, kind: str, response: requests.Response) -> None:
+        """Count an answer; a 500 that a deliberate worker kill explains is counted apart."""
         with self.lock:
             self.kinds[kind] += 1
-            self.statuses[status] += 1
+            if killed(response):
+                self.crashed += 1
+            else:
+                self.statuses[response.status_code] += 1
 
     def fail(self, message: str) -> None:
         with self.lock:
             self.failures.append(message)
+
+
+def killed(response: requests.Response) -> bool:
+    """A 500 from a worker the killer shot: its model crashed, or its load did."""
+    if response.status_code != 500:
+        return False
+    error = response.json()["error"]
+    return error["code"] == "model_crashed" or (error["code"] == "model_load_failed"
+                                                 and "SIGKILL" in error["message"])
 
 
 def one_call(server: LiveServer, rng: random.Random, tally: Tally) -> None:
@@ -54,17 +67,17 @@ def one_call(server: LiveServer, rng: random.Random, tally: Tally) -> None:
     model = rng.choice(MODELS)
     if roll < 0.03:
         response = server.post("/admin/unload", {"model": rng.choice([*MODELS, "all"]), "timeout": 0.5})
-        tally.record("unload", response.status_code)
+        tally.record("unload", response)
     elif roll < 0.05:
-        tally.record("reload", server.post("/admin/reload").status_code)
+        tally.record("reload", server.post("/admin/reload"))
     elif roll < 0.07:
-        tally.record("load", server.post("/admin/load", {"model": model}).status_code)
+        tally.record("load", server.post("/admin/load", {"model": model}))
     elif roll < 0.12:
-        tally.record("health", server.get(rng.choice(["/health", "/metrics", "/v1/models"])).status_code)
+        tally.record("health", server.get(rng.choice(["/health", "/metrics", "/v1/models"])))
     elif roll < 0.25:
         body = {"model": model, "input": [rng.choice(["Hello", "Once upon a time"])] * rng.randint(1, 3)}
         response = server.post("/v1/embeddings", body)
-        tally.record("embeddings", response.status_code)
+        tally.record("embeddings", response)
         if response.status_code == 200 and len(response.json()["data"]) != len(body["input"]):
             tally.fail("embeddings: wrong count")
     else:
@@ -78,17 +91,15 @@ def stream_call(server: LiveServer, rng: random.Random, tally: Tally, model: str
     body.update({"messages": [{"role": "user", "content": "Hello"}]} if chat else {"prompt": "Once upon a time"})
     if rng.random() < 0.5:
         response = server.post(path, body)
-        if response.status_code == 500 and response.json()["error"]["code"] == "model_crashed":
-            with tally.lock:
-                tally.crashed += 1
-            return
-        tally.record("complete", response.status_code)
+        tally.record("complete", response)
         if response.status_code == 200 and not response.json()["choices"]:
             tally.fail("completion without choices")
         return
     hang_up_after = rng.randint(1, 5) if rng.random() < 0.2 else None
     with requests.post(server.url + path, json={**body, "stream": True}, stream=True, timeout=JOIN_TIMEOUT) as r:
-        tally.record("stream", r.status_code)
+        if r.status_code != 200:
+            r.json()  # read the error body for record()
+        tally.record("stream", r)
         if r.status_code != 200:
             return
         events = 0
@@ -97,7 +108,7 @@ def stream_call(server: LiveServer, rng: random.Random, tally: Tally, model: str
                 continue
             if line == b"data: [DONE]":
                 return
-            if b'"model_crashed"' in line:
+            if b'"model_crashed"' in line or (b'"model_load_failed"' in line and b"SIGKILL" in line):
                 with tally.lock:
                     tally.crashed += 1
             elif b'"error"' in line:
