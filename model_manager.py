@@ -38,6 +38,7 @@ value never. A request without ``keep_alive`` goes back to the configured timeou
 Pinned models are never evicted by the idle job or for room.
 Capacity (``max_loaded_models``, ``memory_budget``) evicts idle, unpinned models, least
 recently used first; if the others are busy the load waits up to ``load_wait_timeout``.
+What to evict or drain is decided by the pure ``capacity.plan_room``; ``_make_room`` acts.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from capacity import Holder, plan_room
 from config import ManagerSettings, ModelSettings
 from discovery import ModelFile, discover
 from errors import (
@@ -504,7 +506,10 @@ class ModelManager:
                               self._context_size(file)) + cache
 
     def _make_room(self, instance: Instance) -> None:
-        """Unload idle models (LRU) until ``instance`` fits the count and memory limits, or wait."""
+        """Unload idle models (LRU) until ``instance`` fits the count and memory limits, or wait.
+
+        The decision is ``capacity.plan_room``'s; acting on it, one model at a time, is ours.
+        """
         limit, budget = self._settings.max_loaded_models, self._settings.memory_budget
         if budget is not None and instance.estimate > budget:
             raise InvalidRequest(f"{instance.file.id} needs about {_gib(instance.estimate)} (estimate), more than "
@@ -523,15 +528,15 @@ class ModelManager:
                         # other would otherwise both wait forever.
                         others = [i for i in self._instances.values() if i is not instance and (
                             i.state in (ModelState.LOADED, ModelState.UNLOADING) or i.admitted)]
-                    over_count = bool(limit) and len(others) + 1 > limit
-                    over_memory = budget is not None and sum(i.estimate for i in others) + instance.estimate > budget
-                    if not (over_count or over_memory):
+                    plan = plan_room([self._holder(i) for i in others], instance.estimate, limit, budget)
+                    if plan.reason is None:
                         instance.admitted = True
                         return
-                    reason = "capacity" if over_count else "memory"
-                    if self._evict_one(others, reason):
+                    if plan.evict:
+                        self._evict(plan.evict[0], plan.reason)  # or it was leased meanwhile: plan again
                         continue
-                    self._drain_one(others, drained)
+                    if plan.drain is not None:
+                        self._drain(plan.drain, drained)
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         holders = ", ".join(f"{i.label} ({_gib(i.estimate)}, {i.leases} in flight)" for i in others)
@@ -544,42 +549,43 @@ class ModelManager:
                         victim.draining = False
                         victim.cond.notify_all()
 
-    def _evict_one(self, candidates: list[Instance], reason: str) -> bool:
-        """Unload the least recently used idle, unpinned candidate; False if none can go.
+    def _holder(self, instance: Instance) -> Holder:
+        """How capacity sees ``instance`` now (a snapshot: acting on it re-checks under ``cond``)."""
+        loaded = instance.state is ModelState.LOADED
+        return Holder(instance, instance.estimate, instance.last_used, self._pinned(instance),
+                      busy=not loaded or instance.leases > 0, loaded=loaded)
+
+    def _evict(self, victim: Instance, reason: str) -> bool:
+        """Unload ``victim`` if it is still loaded and idle; False if a request took it meanwhile.
 
         Caller holds ``_room``. The close itself runs with ``_room`` released, so releases
         of other models never wait behind it; the victim stays ``unloading`` meanwhile and
         keeps counting against the limits until its memory is really gone.
         """
-        for victim in sorted(candidates, key=lambda i: i.last_used):
-            if self._pinned(victim):
-                continue
-            with victim.cond:
-                if victim.state is not ModelState.LOADED or victim.leases:
-                    continue  # decided under its lock: it may have been leased since the snapshot
-                worker = self._begin_unload(victim, reason)
-            self._room.release()
-            try:
-                self._finish_unload(victim, worker, reason)
-            finally:
-                self._room.acquire()
-            return True
-        return False
+        with victim.cond:
+            if victim.state is not ModelState.LOADED or victim.leases:
+                return False  # decided under its lock: it may have been leased since the plan
+            worker = self._begin_unload(victim, reason)
+        self._room.release()
+        try:
+            self._finish_unload(victim, worker, reason)
+        finally:
+            self._room.acquire()
+        return True
 
-    def _drain_one(self, candidates: list[Instance], drained: list[Instance]) -> None:
-        """Stop new leases on the least recently used busy model so its requests run out.
+    def _drain(self, victim: Instance, drained: list[Instance]) -> None:
+        """Stop new leases on ``victim`` (busy) so its requests run out; one at a time.
 
         Without this, a model that always has a next request would never be free, and a
         load waiting for room would starve until it timed out.
         """
         if any(v.draining and v.state is ModelState.LOADED for v in drained):
             return
-        for victim in sorted(candidates, key=lambda i: i.last_used):
-            if victim.state is ModelState.LOADED and not victim.draining and not self._pinned(victim):
-                with victim.cond:
-                    victim.draining = True
-                drained.append(victim)
+        with victim.cond:
+            if victim.state is not ModelState.LOADED or victim.draining:
                 return
+            victim.draining = True
+        drained.append(victim)
 
     # ------------------------------------------------------------ load / unload
 
