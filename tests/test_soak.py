@@ -131,22 +131,29 @@ def client(server: LiveServer, seed: int, deadline: float, tally: Tally) -> None
 
 
 def killer(server: LiveServer, deadline: float, tally: Tally) -> None:
-    """Every few seconds, kill -9 the worker of a loaded model, as the OOM killer would."""
+    """Every few seconds, kill -9 the worker of a loaded model (generation or embeddings), as
+    the OOM killer would; with three models in room for two, it looks until one is loaded."""
     rng = random.Random(99)
     while time.monotonic() < deadline - 2:
         time.sleep(rng.uniform(2, 4))
-        try:
-            pids = [m["pid"] for m in server.get("/health").json()["models"] if m["pid"]]
-        except (requests.RequestException, ValueError, KeyError) as exc:
-            tally.fail(f"killer: {exc!r}")
-            return
-        if pids:
+        for _ in range(50):
             try:
-                os.kill(rng.choice(pids), signal.SIGKILL)
-            except ProcessLookupError:
-                continue  # unloaded meanwhile
-            with tally.lock:
-                tally.kills += 1
+                pids = [i["pid"] for m in server.get("/health").json()["models"]
+                        for i in (m, m.get("embeddings") or {}) if i.get("pid")]
+            except (requests.RequestException, ValueError, KeyError) as exc:
+                tally.fail(f"killer: {exc!r}")
+                return
+            if pids:
+                break
+            time.sleep(0.05)
+        else:
+            continue
+        try:
+            os.kill(rng.choice(pids), signal.SIGKILL)
+        except ProcessLookupError:
+            continue  # unloaded meanwhile
+        with tally.lock:
+            tally.kills += 1
 
 
 def metric_total(server: LiveServer, name: str) -> float:
