@@ -43,10 +43,6 @@ from engine.text import TextStream
 
 log = logging.getLogger(__name__)
 
-# Text produced within this long of the last Delta shares the next one. On a small model a
-# token takes a quarter of a millisecond and a message across the pipe costs about as much;
-# the first token always goes at once, and a model slower than this sends one per token.
-DELTA_COALESCE_SECONDS = 0.002
 MIN_CACHED_TOKENS = 8  # a conversation shorter than this is cheaper to prefill again than to keep
 
 
@@ -65,8 +61,6 @@ class Sequence:
     completion_tokens: int = 0
     first_token_at: float | None = None
     started: bool = False
-    held: list[str] = field(default_factory=list)  # text not sent yet (see DELTA_COALESCE_SECONDS)
-    last_sent: float = float("-inf")  # time.perf_counter() of the last Delta sent
 
 
 @dataclass
@@ -225,10 +219,6 @@ class Scheduler:
         plan = self._plan()
         if not plan:
             return
-        if any(n > 1 for _, n in plan):  # a prompt chunk makes this a slow step: nothing waits through it
-            for slot in self.slots:
-                if slot.request is not None:
-                    self._send_held(slot.request)
         logits_rows = self._fill_batch(plan)
         rc = self._decode()
         if rc != 0:
@@ -303,9 +293,7 @@ class Scheduler:
             request.first_token_at = time.monotonic()
         text, stopped = request.text.feed(self.model.piece(token))
         if text:
-            request.held.append(text)
-            if time.perf_counter() - request.last_sent >= DELTA_COALESCE_SECONDS:
-                self._send_held(request)
+            self.send(p.Delta(request.id, text))
         if stopped:
             self._finish(slot, "stop")
         elif request.completion_tokens >= request.max_tokens:
@@ -322,16 +310,10 @@ class Scheduler:
         slot.last_used = self._clock
         request.sampler.close()
         if reason != "cancelled":
-            request.held.append(request.text.flush())
-            self._send_held(request)
+            tail = request.text.flush()
+            if tail:
+                self.send(p.Delta(request.id, tail))
         self.send(p.Done(request.id, request.completion_tokens, reason, request.first_token_at))
-
-    def _send_held(self, request: Sequence) -> None:
-        text = "".join(request.held)
-        request.held.clear()
-        if text:
-            self.send(p.Delta(request.id, text))
-            request.last_sent = time.perf_counter()
 
     def _refuse(self, slot: Slot, message: str, param: str) -> None:
         request = slot.request
@@ -500,7 +482,6 @@ class Scheduler:
         request = slot.request
         assert request is not None
         log.info("preempting request %d (%d tokens): the KV cache is full", request.id, len(request.tokens))
-        self._send_held(request)  # it may wait a while for its turn again
         slot.request = None
         self._drop_kv(slot)
         self.queue.appendleft(request)
