@@ -380,19 +380,14 @@ def _queued_comments(job: Job) -> Iterator[bytes]:
     """
     first = job.streams[0]
     with _worker_errors(job):
-        if first.wait_started(QUEUE_GRACE_SECONDS):
-            return
-        while True:
-            yield sse.comment(f"queued for {job.lease.model_id}")
-            deadline = time.monotonic() + sse.LOADING_COMMENT_INTERVAL
-            while not first.wait_started(min(HANG_UP_POLL_SECONDS, max(0.0, deadline - time.monotonic()))):
-                if job.disconnected():
-                    job.close()  # cancels it in the worker's queue: none of its prompt is read
-                    raise ClientGone("The client closed the connection while queued")
-                if time.monotonic() >= deadline:
-                    break
-            else:
-                return
+        next_comment = time.monotonic() + QUEUE_GRACE_SECONDS  # a free slot answers sooner
+        while not first.wait_started(min(HANG_UP_POLL_SECONDS, max(0.0, next_comment - time.monotonic()))):
+            if job.disconnected():
+                job.close()  # cancels it in the worker's queue: none of its prompt is read
+                raise ClientGone("The client closed the connection while queued")
+            if time.monotonic() >= next_comment:
+                yield sse.comment(f"queued for {job.lease.model_id}")
+                next_comment = time.monotonic() + sse.LOADING_COMMENT_INTERVAL
 
 
 def _choice_events(job: Job, base: dict[str, Any], index: int) -> Iterator[bytes]:

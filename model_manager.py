@@ -323,10 +323,8 @@ class ModelManager:
                     if candidate in self._files:
                         return candidate
                 available = list(self._files)
-                stale = time.monotonic() - self._last_scan > REDISCOVER_INTERVAL
-            if attempt == 0 and stale:
-                self.rediscover(in_background=True)  # a file may have been dropped in since the last scan
-            else:
+            # A file may have been dropped in since the last scan.
+            if attempt == 1 or not self._rescan_if_stale():
                 break
         hint = f"; available: {', '.join(available[:5])}" if available else "; no models are installed"
         more = f" and {len(available) - 5} more" if len(available) > 5 else ""
@@ -823,14 +821,16 @@ class ModelManager:
 
     # ------------------------------------------------------------------ views
 
-    def _rescan_if_stale(self) -> None:
-        """Pick up files copied in or deleted since the last scan, at most once a second."""
+    def _rescan_if_stale(self) -> bool:
+        """Pick up files copied in or deleted since the last scan, at most once a second;
+        whether it rescanned."""
         with self._lock:
             now = time.monotonic()
             if now - self._last_scan <= REDISCOVER_INTERVAL:
-                return
-            self._last_scan = now  # claimed: callers meanwhile list what is known
+                return False
+            self._last_scan = now  # claimed: callers meanwhile use what is known
         self.rediscover(in_background=True)
+        return True
 
     def models(self, *, relative_paths: bool = False) -> list[dict[str, Any]]:
         """Every discovered model with its live state; never blocks on a load or generation.
