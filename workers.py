@@ -1,14 +1,20 @@
 """The manager's loader: every model instance runs in a worker process of its own (``engine``).
 
 Loading takes the warm spare worker (interpreter started, llama_cpp imported, no model) when
-one is ready and starts the next spare in the background, so a cold start pays only the
-model's own load. Unloading is the worker exiting, so the operating system takes back every
-byte it held. A failed load is diagnosed here: a file that is not a model is a 422
-(``NotAModel``), anything else a ``LoadFailed`` with llama.cpp's reason.
+one is ready, so a cold start pays only the model's own load. The next spare starts in the
+background once the workers are quiet (no load or request in flight), so its interpreter start
+and imports (a third of a second of a core) do not compete with the load it replaces or with
+that model's first answer; on a 2-core machine they visibly did. Workers busy for longer than
+``SPARE_PATIENCE`` seconds do not hold it back for ever.
 
-Concurrency: ``_lock`` guards ``_spare`` and ``_closed`` only. A spare starts on its own
-short-lived thread; a load runs on the thread of the request (or ``preload``) that asked
-for it, outside every lock, so loads of different models proceed in parallel.
+Unloading is the worker exiting, so the operating system takes back every byte it held. A
+failed load is diagnosed here: a file that is not a model is a 422 (``NotAModel``), anything
+else a ``LoadFailed`` with llama.cpp's reason.
+
+Concurrency: ``_lock`` guards ``_spare``, ``_starting``, ``_closed`` and ``_handed`` only. A
+spare starts on its own short-lived thread, which first waits for quiet; a load runs on the
+thread of the request (or ``preload``) that asked for it, outside every lock, so loads of
+different models proceed in parallel.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +39,9 @@ from errors import LoadFailed, NotAModel
 log = logging.getLogger(__name__)
 
 DEFAULT_N_BATCH = 512  # tokens per decode step, all sequences together (llama-cpp-python's default)
+QUIET_POLL = 0.1  # seconds between looks at the workers before a spare starts
+QUIET_LOOKS = 3  # consecutive quiet looks that let it start
+SPARE_PATIENCE = 10.0  # seconds after which a spare starts even though workers are busy
 
 
 @dataclass(frozen=True)
@@ -59,12 +70,15 @@ class WorkerLauncher:
         self._spare: Worker | None = None
         self._starting = False
         self._closed = False
+        self._handed: weakref.WeakSet[Worker] = weakref.WeakSet()  # workers given a model
         if keep_spare:
-            self._start_spare()
+            self._start_spare(wait_for_quiet=False)
 
     def __call__(self, model: ModelFile, options: LoadOptions) -> Worker:
         """A worker with ``model`` loaded; raises ``NotAModel`` or ``LoadFailed`` with the reason."""
         worker = self._take()
+        with self._lock:
+            self._handed.add(worker)
         worker.name = model.id
         worker.on_exit = options.on_exit
         worker.worker_timeout = options.worker_timeout  # the value in force now, after any reload
@@ -81,6 +95,9 @@ class WorkerLauncher:
         except WorkerError as exc:  # it died while loading: a crash in llama.cpp, the OOM killer...
             worker.close()
             raise LoadFailed(f"failed to load model {model.id}: {exc}") from None
+        finally:
+            if self._keep_spare:
+                self._start_spare()
         return worker
 
     def close(self) -> None:
@@ -94,22 +111,37 @@ class WorkerLauncher:
     def _take(self) -> Worker:
         with self._lock:
             spare, self._spare = self._spare, None
-        if self._keep_spare:
-            self._start_spare()
         if spare is not None and spare.alive:
             return spare
         worker = Worker(worker_timeout=self.worker_timeout)
         worker.start()
         return worker
 
-    def _start_spare(self) -> None:
+    def _start_spare(self, wait_for_quiet: bool = True) -> None:
         with self._lock:
             if self._closed or self._starting or self._spare is not None:
                 return
             self._starting = True
-        threading.Thread(target=self._run_spare, name="spare-worker", daemon=True).start()
+        threading.Thread(target=self._run_spare, args=(wait_for_quiet,), name="spare-worker", daemon=True).start()
 
-    def _run_spare(self) -> None:
+    def _wait_for_quiet(self) -> None:
+        deadline = time.monotonic() + SPARE_PATIENCE
+        quiet = 0
+        while quiet < QUIET_LOOKS and time.monotonic() < deadline:
+            time.sleep(QUIET_POLL)
+            with self._lock:
+                if self._closed:
+                    return
+                workers = list(self._handed)
+            quiet = 0 if any(w.busy for w in workers) else quiet + 1
+
+    def _run_spare(self, wait_for_quiet: bool) -> None:
+        if wait_for_quiet:
+            self._wait_for_quiet()
+        with self._lock:
+            if self._closed:
+                self._starting = False
+                return
         worker = Worker(name="spare", worker_timeout=self.worker_timeout)
         try:
             worker.start()

@@ -283,6 +283,9 @@ def real_cold(bench: RealBench) -> list[Row]:
         return {"ms": result.first_token * 1e3}
 
     def local(index: int) -> Sample:
+        # Our next spare starts once our workers have been quiet for a moment (workers.py);
+        # give it that moment, so its start is counted on neither side.
+        time.sleep(1.0)
         wait_idle(pid)
         started = time.perf_counter()
         llama = llama_cpp.Llama(model_path=str(bench.model.path), n_ctx=n_ctx, verbose=False)

@@ -225,6 +225,12 @@ class Worker:
         with self._lock:
             return self._proc is not None and self._dead is None
 
+    @property
+    def busy(self) -> bool:
+        """Whether any request (a load, a generation, a call) is waiting on this worker."""
+        with self._lock:
+            return bool(self._waiters)
+
     def start(self, timeout: float = 60.0) -> None:
         """Start the process and wait until it is ready for ``load`` (interpreter up, llama_cpp imported)."""
         ours, theirs = socket.socketpair()
