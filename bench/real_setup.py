@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import re
 import shutil
@@ -127,10 +126,11 @@ class RealServers:
         """What each running side of ``profile`` actually uses: context, slots, threads."""
         found: dict[str, Any] = {}
         if profile in self._ours:
-            threads = self.our_settings(profile).get("n_threads")
-            cpus = multiprocessing.cpu_count()  # what llama-cpp-python's defaults are computed from
+            from workers import default_threads  # the server's own rule, imported only here
+
+            threads = self.our_settings(profile).get("n_threads") or default_threads()
             found["ours"] = {**_last_match(self._ours[profile].log_path, _OUR_LOAD),
-                             "n_threads": threads or max(cpus // 2, 1), "n_threads_batch": threads or cpus}
+                             "n_threads": threads, "n_threads_batch": threads}
         if profile in self._theirs:
             theirs: dict[str, Any] = _last_match(self._theirs[profile].log_path, _THEIR_THREADS)
             try:
