@@ -32,6 +32,7 @@ from flask import Response
 import sse
 from chat_format import ChatTemplate, extract_tool_calls
 from engine.client import RequestFailed, Stream, WorkerCrashed
+from engine.protocol import SamplingParams, TokenLogprob
 from errors import ContextLengthExceeded, InferenceFailed, InvalidRequest, ServiceError
 from fingerprint import SYSTEM_FINGERPRINT
 from grammar.request import grammar_param
@@ -62,7 +63,7 @@ class Job:
     lease: Lease
     request: _Generation
     prompts: list[list[int]]
-    streams: list[Stream]  # one per prompt, all submitted to the worker at once
+    streams: list[Stream]  # one per choice (``n`` per prompt, in prompt order), all submitted at once
     parse_tools: bool = False
     observer: Observer | None = None
     disconnected: Disconnected = lambda: False
@@ -102,11 +103,22 @@ class Job:
         ``text_completion`` like the whole response (OpenAI's completions stream says so)."""
         return "chat.completion.chunk" if self.kind == "chat" else "text_completion"
 
+    @property
+    def n(self) -> int:
+        """Choices per prompt."""
+        return len(self.streams) // len(self.prompts)
+
+    @property
+    def logprobs(self) -> int | None:
+        """Alternatives per token the request wants log probabilities for; None: none."""
+        return self.streams[0].params.logprobs if self.streams else None
+
     def usage(self) -> dict[str, Any]:
-        """OpenAI's ``usage``, summed over the choices; ``cached_tokens`` were reused from the KV cache."""
+        """OpenAI's ``usage``: each prompt counted once, completions summed over the choices;
+        ``cached_tokens`` were reused from the KV cache."""
         prompt = sum(len(tokens) for tokens in self.prompts)
         completion = sum(s.result.completion_tokens for s in self.streams)
-        cached = sum(s.result.cached_tokens for s in self.streams)
+        cached = sum(s.result.cached_tokens for s in self.streams[::self.n])
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
@@ -146,7 +158,8 @@ def prepare(manager: ModelManager, kind: str, request: _Generation, verdict: Ver
                 raise ContextLengthExceeded(
                     f"This model's context window is {info.n_ctx} tokens; the prompt has {len(tokens)} "
                     "tokens, leaving no room for a completion", param=prompt_param)
-        streams = [worker.generate(tokens, params) for tokens in prompts]
+        streams = [worker.generate(tokens, _choice_params(params, choice))
+                   for tokens in prompts for choice in range(request.n)]
         return Job(kind, lease, request, prompts, streams, parse_tools, observer, disconnected)
     except WorkerCrashed as exc:
         lease.release()
@@ -154,6 +167,14 @@ def prepare(manager: ModelManager, kind: str, request: _Generation, verdict: Ver
     except BaseException:
         lease.release()
         raise
+
+
+def _choice_params(params: SamplingParams, choice: int) -> SamplingParams:
+    """Choice ``choice``'s sampling: a request's seed gives each of its ``n`` choices its own
+    (seed + index), so they differ from each other yet repeat across identical requests."""
+    if choice == 0 or params.seed is None:
+        return params
+    return replace(params, seed=(params.seed + choice) & 0xFFFFFFFF)
 
 
 def _tokenize(worker: Any, text: str, param: str) -> list[int]:
@@ -234,8 +255,8 @@ def complete(job: Job) -> dict[str, Any]:
         job.close()
         if status != 200:
             _log_done(job, status)
-    choices = [_choice(job, i, text, stream.result.finish_reason) for i, (text, stream) in
-               enumerate(zip(texts, job.streams, strict=True))]
+    choices = [_choice(job, i, text, stream.result.finish_reason, _logprobs(job, stream.logprobs)) for i, (text, stream)
+               in enumerate(zip(texts, job.streams, strict=True))]
     _log_done(job, 200)
     return {"id": _response_id(job), "object": job.object_type, "created": job.created,
             "model": job.lease.model_id, "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices,
@@ -250,9 +271,10 @@ class ClientGone(ServiceError):
     code = "client_closed_request"
 
 
-def _choice(job: Job, index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+def _choice(job: Job, index: int, text: str, finish_reason: str | None,
+            logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     if job.kind == "text":
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     # OpenAI's message always carries "refusal" (null unless the model refused); clients read it.
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
     if job.parse_tools:
@@ -260,7 +282,33 @@ def _choice(job: Job, index: int, text: str, finish_reason: str | None) -> dict[
         if calls:
             message = {"role": "assistant", "content": content, "refusal": None, "tool_calls": calls}
             finish_reason = "tool_calls"
-    return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason}
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def _logprobs(job: Job, entries: list[TokenLogprob], offset: int = 0) -> dict[str, Any] | None:
+    """OpenAI's ``logprobs`` of a choice (or of a stream chunk) from the worker's entries;
+    ``offset`` is where the entries' text starts in the choice's text (completions only)."""
+    if job.logprobs is None:
+        return None
+    if job.kind == "chat":
+        return {"content": [{**_token(entry.token, entry.logprob),
+                             "top_logprobs": [_token(token, logprob) for token, logprob in entry.top]}
+                            for entry in entries], "refusal": None}
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(_text(entry.token))
+    return {"tokens": [_text(e.token) for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{_text(token): logprob for token, logprob in e.top} for e in entries],
+            "text_offset": offsets}
+
+
+def _token(token: bytes, logprob: float) -> dict[str, Any]:
+    return {"token": _text(token), "logprob": logprob, "bytes": list(token)}
+
+
+def _text(token: bytes) -> str:
+    return token.decode("utf-8", errors="replace")
 
 
 def _response_id(job: Job) -> str:
@@ -408,12 +456,26 @@ def _choice_events(job: Job, base: dict[str, Any], index: int) -> Iterator[bytes
             delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(delta["tool_calls"])]
         yield sse.event({**base, "choices": [{"index": index, "delta": delta, "logprobs": None,
                                               "finish_reason": None}]})
+    elif job.logprobs is not None:
+        yield from _with_logprobs(job, base, index)
+        finish = job.streams[index].result.finish_reason
     else:
         yield from _coalesced(_deltas(job, index), chunk)
         finish = job.streams[index].result.finish_reason
     last: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": finish}
     last.update({"delta": {}} if job.kind == "chat" else {"text": ""})
     yield sse.event({**base, "choices": [last]})
+
+
+def _with_logprobs(job: Job, base: dict[str, Any], index: int) -> Iterator[bytes]:
+    """One chunk per delta, each with the log probabilities of the tokens it brings."""
+    stream, offset = job.streams[index], 0
+    for text in _deltas(job, index):
+        logprobs = _logprobs(job, stream.take_logprobs(), offset)
+        offset += len(text)
+        choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": None}
+        choice.update({"delta": {"content": text}} if job.kind == "chat" else {"text": text})
+        yield sse.event({**base, "choices": [choice]})
 
 
 def _coalesced(texts: Iterator[str], chunk: sse.ChunkTemplate) -> Iterator[bytes]:

@@ -79,4 +79,14 @@ def check_token_ids(tokens: Any, n_vocab: int, param: str) -> None:
 def sampling_params(request: _Generation, grammar: str | None, logit_bias: dict[int, float]) -> SamplingParams:
     """The request's sampling fields, as the token loop takes them."""
     fields = {name: getattr(request, name) for name in SAMPLING_FIELDS if name != "stop"}
-    return SamplingParams(**fields, stop=request.stops, grammar=grammar, logit_bias=logit_bias)
+    return SamplingParams(**fields, stop=request.stops, grammar=grammar, logit_bias=logit_bias,
+                          logprobs=logprobs_asked(request))
+
+
+def logprobs_asked(request: _Generation) -> int | None:
+    """How many alternatives per token the request wants log probabilities for; None: none."""
+    if isinstance(request, CompletionRequest):
+        return request.logprobs
+    if getattr(request, "logprobs", None):
+        return getattr(request, "top_logprobs", None) or 0
+    return None

@@ -1,8 +1,8 @@
 """Request schemas for the OpenAI-compatible and admin endpoints (pydantic, strict types).
 
 Unknown fields are ignored, as OpenAI's own clients send fields we have no use for;
-fields we know but cannot honour (``n`` > 1, ``logprobs``, ``echo``, ``suffix``) are
-refused by name so a client never silently gets less than it asked for.
+fields we know but cannot honour (``echo``, ``suffix``, ``best_of``) are refused by name, so
+a client never silently gets less than it asked for.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from sampling import SamplingFields
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 1024
 MAX_PROMPTS = 16
+MAX_CHOICES = 16  # sequences one request may queue in a model's worker: prompts times n
+MAX_TOP_LOGPROBS = 20
 _TOKEN_ID = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() takes other scripts' digits too
 MAX_EMBEDDING_INPUTS = 2048
 
@@ -82,14 +84,12 @@ class _Generation(_Body, SamplingFields):
     logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     response_format: ResponseFormat | None = None
     grammar: str | None = None  # llama-server's extension: a GBNF grammar
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> _Generation:
-        if self.n != 1:
-            raise _field_error("n", "only n=1 is supported")
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
             raise _field_error("stop", f"at most {MAX_STOP_STRINGS} stop strings are supported")
         if any(len(stop) > MAX_STOP_LENGTH for stop in self.stops):
@@ -147,11 +147,12 @@ class ChatCompletionRequest(_Generation):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @model_validator(mode="after")
     def _chat_checks(self) -> ChatCompletionRequest:
-        if self.logprobs:
-            raise _field_error("logprobs", "logprobs are not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise _field_error("top_logprobs", "top_logprobs needs logprobs set to true")
         # Assigning marks a field as sent; only copy a value the client really sent, so the
         # model's default max_tokens still applies to chat requests that name neither.
         if self.max_tokens is None and self.max_completion_tokens is not None:
@@ -162,15 +163,13 @@ class ChatCompletionRequest(_Generation):
 class CompletionRequest(_Generation):
     prompt: str | list[str] | list[int] = Field(...)
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
 
     @model_validator(mode="after")
     def _completion_checks(self) -> CompletionRequest:
-        if self.logprobs is not None:
-            raise _field_error("logprobs", "logprobs are not supported")
         if self.echo:
             raise _field_error("echo", "echo is not supported")
         if self.suffix:
@@ -182,10 +181,12 @@ class CompletionRequest(_Generation):
         if isinstance(self.prompt, list) and isinstance(self.prompt[0], str) and len(self.prompt) > MAX_PROMPTS:
             # Each prompt is a sequence in the model's worker: one request must not queue thousands.
             raise _field_error("prompt", f"at most {MAX_PROMPTS} prompts per request")
+        if len(self.prompts()) * self.n > MAX_CHOICES:
+            raise _field_error("n", f"at most {MAX_CHOICES} choices per request (prompts times n)")
         return self
 
     def prompts(self) -> list[str | list[int]]:
-        """One entry per choice: a string or a list of token ids."""
+        """The prompts, each a string or a list of token ids; each gets ``n`` choices."""
         if isinstance(self.prompt, str):
             return [self.prompt]
         if self.prompt and isinstance(self.prompt[0], int):

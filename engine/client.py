@@ -115,12 +115,16 @@ class Stream:
     ``finish_reason="cancelled"``). Call it when the consumer goes away early.
     """
 
-    def __init__(self, worker: Worker, request_id: int, inbox: queue.Queue[Any]) -> None:
+    def __init__(self, worker: Worker, request_id: int, inbox: queue.Queue[Any],
+                 params: p.SamplingParams | None = None) -> None:
         self._worker = worker
         self.id = request_id
+        self.params = params or p.SamplingParams()
         self._inbox = inbox
         self.result = StreamResult()
         self.finished = False
+        self.logprobs: list[p.TokenLogprob] = []  # every token's, when the request asked for them
+        self._logprobs_taken = 0
 
     def __iter__(self) -> Iterator[str]:
         return self
@@ -132,16 +136,24 @@ class Stream:
 
     def poll(self, timeout: float | None) -> str | None:
         """The next text delta, or None when none came within ``timeout`` s (None: wait for
-        ever); ``StopIteration`` once the generation is over."""
+        ever); ``StopIteration`` once the generation is over. With log probabilities asked
+        for, a delta may be empty text: its tokens' entries are in ``logprobs``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.finished:
             message = self._next(deadline)
             if message is None:
                 return None
             if isinstance(message, p.Delta):
+                self.logprobs.extend(message.logprobs)
                 return message.text
             self._absorb(message)
         raise StopIteration
+
+    def take_logprobs(self) -> list[p.TokenLogprob]:
+        """The log probability entries that arrived since the last call."""
+        new = self.logprobs[self._logprobs_taken:]
+        self._logprobs_taken = len(self.logprobs)
+        return new
 
     def _next(self, deadline: float | None) -> Any:
         """The next message for this request, or None once ``deadline`` (monotonic) passed."""
@@ -289,7 +301,7 @@ class Worker:
         """Start a generation; iterate the returned ``Stream`` for its text deltas."""
         request_id, inbox = self._open()
         self._send(p.Generate(request_id, list(prompt_tokens), params), request_id)
-        return Stream(self, request_id, inbox)
+        return Stream(self, request_id, inbox, params)
 
     def embed(self, inputs: list[list[int]]) -> list[np.ndarray]:
         """One pooled, unnormalised float32 vector per token list (an embedding worker only)."""

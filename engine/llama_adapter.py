@@ -34,7 +34,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
 
-from engine.protocol import ModelInfo, ModelOptions, SamplingParams
+from engine.protocol import ModelInfo, ModelOptions, SamplingParams, TokenLogprob
 
 PENALTY_LAST_N = 64
 EMBEDDING_BATCH = 512  # tokens per embedding input; bigger batches cost compute memory
@@ -142,6 +142,7 @@ class LoadedModel:
         self._memory = llama._ctx.memory
         self._vocab = llama._model.vocab
         self._pieces: dict[int, bytes] = {}
+        self._special_pieces: dict[int, bytes] = {}
         self._eog: set[int] | None = None
         # llama.cpp may pad its context; llama-cpp-python's buffers are as asked.
         self.n_ctx = min(llama.n_ctx(), options.n_ctx) if options.n_ctx else llama.n_ctx()
@@ -201,17 +202,33 @@ class LoadedModel:
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
         return self.llama._model.tokenize(text.encode("utf-8"), add_special, parse_special)
 
-    def piece(self, token: int) -> bytes:
-        """The bytes of one token, memoised (llama.cpp's lookup costs a ctypes call)."""
-        piece = self._pieces.get(token)
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes of one token, memoised (llama.cpp's lookup costs a ctypes call).
+        ``special`` writes a control token as its text instead of nothing."""
+        pieces = self._special_pieces if special else self._pieces
+        piece = pieces.get(token)
         if piece is None:
             buffer = ctypes.create_string_buffer(64)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, 64, 0, False)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, 64, 0, special)
             if n < 0:
                 buffer = ctypes.create_string_buffer(-n)
-                n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, -n, 0, False)
-            piece = self._pieces[token] = buffer.raw[:n]
+                n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, -n, 0, special)
+            piece = pieces[token] = buffer.raw[:n]
         return piece
+
+    def logprobs(self, row: int, token: int, top: int) -> TokenLogprob:
+        """Log probabilities at logits row ``row`` of the last decode: ``token``'s, and the
+        ``top`` most likely tokens'. The raw distribution (a log-softmax of the logits), as
+        llama-server reports by default."""
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self.n_vocab,))
+        peak = float(logits.max())
+        log_total = peak + float(np.log(np.exp(logits - peak, dtype=np.float64).sum()))
+        best: tuple[tuple[bytes, float], ...] = ()
+        if top > 0:
+            ids = np.argpartition(logits, -top)[-top:]
+            ids = ids[np.argsort(logits[ids])[::-1]]
+            best = tuple((self.piece(int(i), True), float(logits[i]) - log_total) for i in ids)
+        return TokenLogprob(self.piece(token, True), float(logits[token]) - log_total, best)
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))

@@ -42,6 +42,10 @@ class SamplingParams:
     ignore_eos: bool = False
     grammar: str | None = None  # GBNF, already judged by grammar.checker
     grammar_token_seconds: float = 1.0  # not a request field: grammar work allowed for one token
+    logprobs: int | None = None  # None: none; 0: the chosen token's; k: and the k most likely
+    # Control tokens written out as their text (a dialect's markers, such as ``<tool_call>``):
+    # a plain detokenize drops them, and the parser must see them.
+    preserved_tokens: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -182,9 +186,24 @@ class Started:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log probability, and the most likely alternatives at its place
+    (``top``: (bytes, logprob) pairs, most likely first). ``logprob`` is from the model's own
+    distribution, before sampling settings reshape it."""
+
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Delta:
+    """Text to append, and when asked for, the log probabilities of the tokens sampled since
+    the last ``Delta`` (the text may lag them: it is held back while a stop string may begin)."""
+
     id: int
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

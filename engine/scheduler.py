@@ -19,6 +19,13 @@ Each ``step``:
 3. Decodes once, samples every sequence whose last pending token was in the batch from its own
    logits row, streams its text, and finishes it on EOG, a stop string, ``max_tokens`` or cancel.
 
+Shared prompts (``n`` choices, or several requests sending the same prompt at once): a request
+admitted while another sequence with exactly the same tokens has not sampled yet *follows* it
+instead of prefilling: its slot waits, and when the leader's last prompt token is decoded the
+leader's KV is copied into the follower's sequence (in the unified cache the cells are shared,
+not duplicated) and the follower samples its first token from the leader's logits row. If the
+leader goes away first, its followers prefill for themselves.
+
 KV memory is one unified cache of ``n_ctx`` cells for all sequences (see ``llama_adapter``), so
 one sequence may use the whole context. The scheduler keeps the sum of the slots' tokens within
 it: idle slots are evicted (to the RAM cache) first; when active sequences alone do not fit, the
@@ -71,6 +78,7 @@ class Slot:
     cache: list[int] = field(default_factory=list)
     request: Sequence | None = None
     last_used: int = 0
+    follows: Slot | None = None  # the slot whose prompt this one's request shares (see the docstring)
 
     def pending(self) -> int:
         assert self.request is not None
@@ -154,7 +162,8 @@ class Scheduler:
         self._order = 0
         self.stats: dict[str, int] = dict.fromkeys(
             ("steps", "decoded_tokens", "multi_sequence_steps", "mixed_steps", "max_sequences_in_step",
-             "prefill_chunks", "preemptions", "kv_full", "cache_saves", "cache_restores", "cached_tokens"), 0)
+             "prefill_chunks", "preemptions", "kv_full", "cache_saves", "cache_restores", "cached_tokens",
+             "shared_prompts"), 0)
 
     @property
     def busy(self) -> bool:
@@ -233,15 +242,31 @@ class Scheduler:
             row = logits_rows.get(slot.seq)
             if row is None:
                 continue
-            try:
-                token = request.sampler.sample(row)
-            except SamplerError as exc:  # the grammar allows nothing, or too slowly: the request's fault
-                self._refuse(slot, str(exc), exc.param)
-                continue
-            if token == GRAMMAR_COMPLETE:
-                self._finish(slot, "stop")
-            else:
-                self._sampled(slot, token)
+            for follower in [s for s in self.slots if s.follows is slot]:
+                self._catch_up(follower, slot, row)
+            self._sample(slot, row)
+
+    def _sample(self, slot: Slot, row: int) -> None:
+        request = slot.request
+        assert request is not None
+        try:
+            token = request.sampler.sample(row)
+        except SamplerError as exc:  # the grammar allows nothing, or too slowly: the request's fault
+            self._refuse(slot, str(exc), exc.param)
+            return
+        if token == GRAMMAR_COMPLETE:
+            self._finish(slot, "stop")
+        else:
+            self._sampled(slot, token, row)
+
+    def _catch_up(self, follower: Slot, leader: Slot, row: int) -> None:
+        """Give ``follower`` the leader's freshly decoded prompt and sample its first token."""
+        follower.follows = None
+        self.model.seq_cp(leader.seq, follower.seq, 0, len(leader.cache))
+        follower.cache = list(leader.cache)
+        follower.last_used = self._clock
+        self.stats["shared_prompts"] += 1
+        self._sample(follower, row)
 
     def _decode(self) -> int:
         if self.fail_after_steps is not None:
@@ -282,17 +307,20 @@ class Scheduler:
         if chunks and any(n == 1 and slot.request and slot.request.completion_tokens for slot, n in plan):
             stats["mixed_steps"] += 1  # a prompt chunk decoded beside a generating sequence
 
-    def _sampled(self, slot: Slot, token: int) -> None:
+    def _sampled(self, slot: Slot, token: int, row: int) -> None:
         request = slot.request
         assert request is not None
-        if self.model.is_eog(token) and not request.params.ignore_eos:
+        params = request.params
+        if self.model.is_eog(token) and not params.ignore_eos:
             self._finish(slot, "stop")
             return
         request.completion_tokens += 1
         if request.first_token_at is None:
             request.first_token_at = time.monotonic()
-        text, stopped = request.text.feed(self.model.piece(token))
-        if text:
+        text, stopped = request.text.feed(self.model.piece(token, token in params.preserved_tokens))
+        if params.logprobs is not None:
+            self.send(p.Delta(request.id, text, (self.model.logprobs(row, token, params.logprobs),)))
+        elif text:
             self.send(p.Delta(request.id, text))
         if stopped:
             self._finish(slot, "stop")
@@ -305,7 +333,7 @@ class Scheduler:
         """End the slot's request; its KV stays in the slot for the next request's prefix."""
         request = slot.request
         assert request is not None
-        slot.request = None
+        self._vacate(slot)
         self._held = False
         slot.last_used = self._clock
         request.sampler.close()
@@ -318,7 +346,7 @@ class Scheduler:
     def _refuse(self, slot: Slot, message: str, param: str) -> None:
         request = slot.request
         assert request is not None
-        slot.request = None
+        self._vacate(slot)
         self._held = False
         request.sampler.close()
         self.send(p.Error(request.id, "invalid_request", message, param=param))
@@ -326,10 +354,18 @@ class Scheduler:
     def _fail(self, slot: Slot, message: str) -> None:
         request = slot.request
         assert request is not None
-        slot.request = None
+        self._vacate(slot)
         self._held = False
         request.sampler.close()
         self.send(p.Error(request.id, "internal", message))
+
+    def _vacate(self, slot: Slot) -> None:
+        """Take the slot's request away; requests that were to share its prompt prefill for themselves."""
+        slot.request = None
+        slot.follows = None
+        for other in self.slots:
+            if other.follows is slot:
+                other.follows = None
 
     def _decode_failed(self, plan: list[tuple[Slot, int]], rc: int) -> None:
         if rc == 1:  # no room for the batch: llama.cpp left the memory as it was
@@ -354,12 +390,21 @@ class Scheduler:
             if not idle:
                 return
             request = self.queue[0]
-            slot = self._choose_slot(idle, request.tokens)
-            if any(s.request for s in self.slots) and (self._held or not self._fits(slot, request.tokens)):
-                return  # it waits until a running sequence finishes and gives its room back
-            self.queue.popleft()
-            self._park_idle(exclude=slot)
-            cached = self._reuse(slot, request.tokens)
+            leader = None if self._held else self._leader_for(request)
+            if leader is not None:
+                slot = min(idle, key=lambda s: (bool(s.cache), s.last_used))
+                self.queue.popleft()
+                if slot.cache:
+                    self._evict(slot)
+                slot.follows = leader
+                cached = len(request.tokens)
+            else:
+                slot = self._choose_slot(idle, request.tokens)
+                if any(s.request for s in self.slots) and (self._held or not self._fits(slot, request.tokens)):
+                    return  # it waits until a running sequence finishes and gives its room back
+                self.queue.popleft()
+                self._park_idle(exclude=slot)
+                cached = self._reuse(slot, request.tokens)
             slot.request = request
             slot.last_used = self._clock
             if not request.started:
@@ -368,6 +413,15 @@ class Scheduler:
                 self.send(p.Started(request.id, request.prompt_tokens, cached))
             if request.max_tokens == 0:
                 self._finish(slot, "length")
+
+    def _leader_for(self, request: Sequence) -> Slot | None:
+        """An active slot whose request has exactly ``request``'s tokens and has not sampled yet."""
+        for slot in self.slots:
+            other = slot.request
+            if other is not None and slot.follows is None and other.completion_tokens == 0 \
+                    and other.first_token_at is None and other.tokens == request.tokens:
+                return slot
+        return None
 
     def _park_idle(self, exclude: Slot) -> None:
         """Move every other idle slot's conversation to the RAM cache and out of the KV cache.
@@ -435,7 +489,8 @@ class Scheduler:
     def _plan(self) -> list[tuple[Slot, int]]:
         """The batch of this step: (slot, tokens to decode), generating sequences first."""
         while True:
-            active = sorted((s for s in self.slots if s.request), key=lambda s: s.request.order)  # type: ignore[union-attr]
+            active = sorted((s for s in self.slots if s.request and s.follows is None),
+                            key=lambda s: s.request.order)  # type: ignore[union-attr]
             if not active:
                 return []
             generating = [s for s in active if s.pending() == 1]
@@ -482,7 +537,7 @@ class Scheduler:
         request = slot.request
         assert request is not None
         log.info("preempting request %d (%d tokens): the KV cache is full", request.id, len(request.tokens))
-        slot.request = None
+        self._vacate(slot)
         self._drop_kv(slot)
         self.queue.appendleft(request)
         self.stats["preemptions"] += 1

@@ -386,3 +386,53 @@ def _running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return "\nState:\tZ" not in status
+
+
+def test_identical_prompts_in_flight_together_are_prefilled_once(make_worker: Callable[..., Worker]) -> None:
+    worker = make_worker(parallel=4)
+    prompt = worker.tokenize(STORY * 3)
+    alone = drain(worker.generate(prompt, greedy(24)))
+    worker.generate(worker.tokenize("The dog"), greedy(1)).cancel()  # the slot's conversation changes
+    before = worker.stats()
+
+    streams = [worker.generate(prompt, greedy(24)) for _ in range(3)]  # n=3, as the server sends it
+    texts = [drain(s) for s in streams]
+
+    after = worker.stats()
+    assert texts == [alone] * 3
+    assert after["shared_prompts"] - before["shared_prompts"] == 2
+    # The prompt was decoded once, then 24 tokens per choice (less what the prefix cache kept).
+    decoded = after["decoded_tokens"] - before["decoded_tokens"]
+    assert decoded <= len(prompt) + 3 * 24, decoded
+    assert [s.result.cached_tokens for s in streams[1:]] == [len(prompt)] * 2
+
+
+def test_followers_prefill_for_themselves_when_their_leader_is_cancelled(make_worker: Callable[..., Worker]) -> None:
+    worker = make_worker(parallel=3, n_batch=32)
+    worker.tune(step_delay=0.2)  # the leader's prompt takes several steps: time to cancel it
+    prompt = worker.tokenize(STORY * 8)
+    leader, follower = worker.generate(prompt, greedy(8)), worker.generate(prompt, greedy(8))
+    assert leader.wait_started(JOIN_TIMEOUT) and follower.wait_started(JOIN_TIMEOUT)
+    leader.cancel()
+    worker.tune()
+    assert drain(leader) == "" and leader.result.finish_reason == "cancelled"
+    assert drain(follower) == drain(worker.generate(prompt, greedy(8)))
+    assert follower.result.completion_tokens == 8
+
+
+def test_logprobs_are_the_models_distribution_and_greedy_picks_the_top(make_worker: Callable[..., Worker]) -> None:
+    worker = make_worker()
+    prompt = worker.tokenize("Once upon a time")
+    stream = worker.generate(prompt, greedy(12, logprobs=3))
+    text = drain(stream)
+    entries = stream.logprobs
+    assert len(entries) == stream.result.completion_tokens == 12
+    assert b"".join(e.token for e in entries).decode() == text
+    for entry in entries:
+        assert len(entry.top) == 3
+        assert [lp for _, lp in entry.top] == sorted((lp for _, lp in entry.top), reverse=True)
+        assert entry.top[0] == (entry.token, entry.logprob)  # greedy takes the most likely token
+        assert entry.logprob <= 0
+        assert sum(np.exp(lp) for _, lp in entry.top) <= 1 + 1e-4
+    plain = worker.generate(prompt, greedy(12))
+    assert drain(plain) == text and plain.logprobs == []

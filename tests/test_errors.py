@@ -30,8 +30,10 @@ def assert_error(response: requests.Response, status: int, param: str | None = N
     (chat_body("tiny", max_tokens=0), "max_tokens"),
     (chat_body("tiny", max_tokens=1.5), "max_tokens"),
     (chat_body("tiny", stream="yes"), "stream"),
-    (chat_body("tiny", n=2), "n"),
-    (chat_body("tiny", logprobs=True), "logprobs"),
+    (chat_body("tiny", n=0), "n"),
+    (chat_body("tiny", n=17), "n"),
+    (chat_body("tiny", top_logprobs=3), "top_logprobs"),
+    (chat_body("tiny", logprobs=True, top_logprobs=21), "top_logprobs"),
     (chat_body("tiny", stop=["x"] * 17), "stop"),
     (chat_body("tiny", logit_bias={"abc": 1}), "logit_bias"),
     (chat_body("tiny", logit_bias={"999999": 1}), "logit_bias"),
@@ -48,6 +50,8 @@ def test_chat_validation_errors_name_the_parameter(server: LiveServer, body, par
     ({"model": "tiny", "prompt": "x", "echo": True}, "echo"),
     ({"model": "tiny", "prompt": "x", "suffix": "y"}, "suffix"),
     ({"model": "tiny", "prompt": "x", "best_of": 3}, "best_of"),
+    ({"model": "tiny", "prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"model": "tiny", "prompt": ["a", "b", "c"], "n": 6}, "n"),
 ])
 def test_completion_validation_errors(server: LiveServer, body, param):
     assert_error(server.post("/v1/completions", body), 400, param)
