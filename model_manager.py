@@ -8,7 +8,7 @@ Concurrency model
 * Each ``Instance`` (one model in one mode: text generation or embeddings) runs in a
   worker process of its own (``engine.client.Worker``, started by the loader) and has a
   condition variable ``cond`` guarding its state, leases and bookkeeping. Every state
-  change goes through ``ModelManager._transition`` with ``cond`` held, and every decision
+  change goes through ``Instance.transition`` with ``cond`` held, and every decision
   to unload is taken under ``cond`` together with the lease check it depends on. ``cond``
   is never held while a worker is asked anything (load, close, a request).
 * A worker that dies unexpectedly is reported by its reader thread (``_on_worker_exit``):
@@ -50,7 +50,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +68,11 @@ from errors import (
 )
 from events import EventBus
 from gguf_meta import Shape, estimate_bytes, model_shape
+from instances import Instance, Mode, ModelState, worker_pid
 from memory import MemoryProbe
 from workers import LoadOptions, WorkerLauncher, default_threads
+
+__all__ = ["Clock", "Instance", "Lease", "Loader", "Mode", "ModelManager", "ModelState", "UnloadReport"]
 
 log = logging.getLogger(__name__)
 
@@ -81,57 +83,6 @@ MAX_NAME_LENGTH = 512
 REDISCOVER_INTERVAL = 1.0  # seconds between rescans prompted by unknown model names
 PROGRESS_STEP = 0.1  # publish load progress in steps of 10%
 NO_SETTINGS = ModelSettings()
-
-
-class ModelState(str, Enum):
-    UNLOADED = "unloaded"
-    LOADING = "loading"
-    LOADED = "loaded"
-    UNLOADING = "unloading"
-    FAILED = "failed"
-
-
-class Mode(str, Enum):
-    GENERATE = "generate"
-    EMBED = "embed"
-
-
-_TRANSITIONS: dict[ModelState, set[ModelState]] = {
-    ModelState.UNLOADED: {ModelState.LOADING},
-    ModelState.FAILED: {ModelState.LOADING},
-    ModelState.LOADING: {ModelState.LOADED, ModelState.FAILED},
-    ModelState.LOADED: {ModelState.UNLOADING, ModelState.FAILED},  # FAILED: its worker crashed
-    ModelState.UNLOADING: {ModelState.UNLOADED},
-}
-
-
-@dataclass(eq=False)
-class Instance:
-    """One model in one mode: its worker (when loaded) and its bookkeeping."""
-
-    file: ModelFile
-    mode: Mode
-    cond: threading.Condition = field(default_factory=threading.Condition)
-    state: ModelState = ModelState.UNLOADED
-    worker: Any = None  # an engine.client.Worker while loaded
-    cache: dict[str, Any] = field(default_factory=dict)  # per-load derived data (token pieces, template)
-    leases: int = 0
-    generating: int = 0
-    attempt: int = 0
-    error: ServiceError | None = None
-    last_used: float = 0.0
-    loaded_at: float | None = None
-    load_seconds: float | None = None
-    estimate: int = 0
-    progress: float = 0.0
-    keep_alive: float | None = None  # set by a request's keep_alive; beats the config
-    removed: bool = False
-    admitted: bool = False  # a load that was given room (counts towards the limits while loading)
-    draining: bool = False  # a load waits for this one: new requests wait instead of leasing it
-
-    @property
-    def label(self) -> str:
-        return self.file.id if self.mode is Mode.GENERATE else f"{self.file.id} (embeddings)"
 
 
 class Lease:
@@ -396,7 +347,7 @@ class ModelManager:
                         instance.attempt += 1
                         instance.progress = 0.0
                         instance.estimate = estimate
-                        self._transition(instance, ModelState.LOADING)
+                        instance.transition(ModelState.LOADING, self.events)
                         break
                     if state is ModelState.LOADING:
                         awaited = instance.attempt
@@ -616,11 +567,12 @@ class ModelManager:
                 instance.loaded_at, instance.load_seconds = self._wall(), seconds
                 instance.last_used = self._clock()
                 instance.progress = 1.0
-                self._transition(instance, ModelState.LOADED, seconds=round(seconds, 3), pid=_pid(worker),
-                                 rss_mb=round(self._memory.rss(_pid(worker)) / 2**20, 1))
+                pid = worker_pid(worker)
+                instance.transition(ModelState.LOADED, self.events, seconds=round(seconds, 3), pid=pid,
+                                    rss_mb=round(self._memory.rss(pid) / 2**20, 1))
             else:
                 instance.error = error
-                self._transition(instance, ModelState.FAILED, reason=error.message, seconds=round(seconds, 3))
+                instance.transition(ModelState.FAILED, self.events, reason=error.message, seconds=round(seconds, 3))
             instance.cond.notify_all()
         with self._room:
             self._room.notify_all()
@@ -634,7 +586,7 @@ class ModelManager:
         if exit_info.expected:
             return
         with instance.cond:
-            if _pid(instance.worker) != exit_info.pid or instance.state is not ModelState.LOADED:
+            if worker_pid(instance.worker) != exit_info.pid or instance.state is not ModelState.LOADED:
                 return  # not the current worker, or already being unloaded
             instance.worker, instance.cache = None, {}
             instance.loaded_at = None
@@ -642,7 +594,7 @@ class ModelManager:
             instance.error = ModelCrashed(f"{instance.file.id} crashed: {exit_info.reason}")
             self.events.publish("crashed", model=instance.file.id, mode=instance.mode.value, pid=exit_info.pid,
                                 signal=exit_info.signal, reason=exit_info.reason)
-            self._transition(instance, ModelState.FAILED, reason=f"crashed: {exit_info.reason}")
+            instance.transition(ModelState.FAILED, self.events, reason=f"crashed: {exit_info.reason}")
             instance.cond.notify_all()
         with self._room:
             self._room.notify_all()
@@ -671,7 +623,7 @@ class ModelManager:
 
     def _begin_unload(self, instance: Instance, reason: str) -> Any:
         """Caller holds ``cond`` and has checked that no lease is held."""
-        self._transition(instance, ModelState.UNLOADING, reason=reason)
+        instance.transition(ModelState.UNLOADING, self.events, reason=reason)
         worker, instance.worker = instance.worker, None
         instance.cache = {}
         instance.keep_alive = None  # a request's keep_alive never outlives the load it applied to
@@ -679,7 +631,7 @@ class ModelManager:
 
     def _finish_unload(self, instance: Instance, worker: Any, reason: str) -> None:
         """Stop the worker: its exit gives every byte of RAM and VRAM it held back to the system."""
-        pid = _pid(worker)
+        pid = worker_pid(worker)
         freed: dict[str, float] = {"freed_rss_mb": round(self._memory.rss(pid) / 2**20, 1)}
         vram = self._memory.vram(pid)
         if vram is not None:
@@ -693,8 +645,8 @@ class ModelManager:
             log.exception("error while closing model=%s", instance.file.id)
         with instance.cond:
             instance.loaded_at = None
-            self._transition(instance, ModelState.UNLOADED, reason=reason,
-                             seconds=round(time.monotonic() - started, 3), **freed)
+            instance.transition(ModelState.UNLOADED, self.events, reason=reason,
+                                seconds=round(time.monotonic() - started, 3), **freed)
             instance.cond.notify_all()
         with self._room:
             self._room.notify_all()
@@ -706,20 +658,6 @@ class ModelManager:
                     idle = instance.state in (ModelState.UNLOADED, ModelState.FAILED) and not instance.leases
                     if instance.removed and idle:
                         del self._instances[key]
-
-    def _transition(self, instance: Instance, new: ModelState, **details: Any) -> None:
-        """The one place a state changes: checked, logged, published. Caller holds ``cond``."""
-        old = instance.state
-        if new not in _TRANSITIONS[old]:
-            raise RuntimeError(f"invalid transition {old.value} -> {new.value} for {instance.label}")
-        instance.state = new
-        if new in (ModelState.UNLOADED, ModelState.FAILED):
-            instance.admitted = False
-        if new is ModelState.UNLOADING:
-            instance.draining = False
-        log.info("model %s model=%s mode=%s %s", new.value, instance.file.id, instance.mode.value,
-                 " ".join(f"{k}={v}" for k, v in details.items()))
-        self.events.publish(new.value, model=instance.file.id, mode=instance.mode.value, **details)
 
     # --------------------------------------------------------------- operations
 
@@ -882,7 +820,7 @@ class ModelManager:
                 "expires_at": round(expires, 3) if expires else None,
                 "idle_timeout": timeout,
                 "load_seconds": instance.load_seconds,
-                "pid": _pid(instance.worker) if loaded else None,
+                "pid": worker_pid(instance.worker) if loaded else None,
                 "error": instance.error.message if instance.error else None,
             }
             if instance.state is ModelState.LOADING:
@@ -894,10 +832,6 @@ class ModelManager:
         with self._lock:
             instances = list(self._instances.values())
         return sorted({i.file.id for i in instances if i.state is ModelState.LOADED})
-
-
-def _pid(worker: Any) -> int | None:
-    return getattr(worker, "pid", None)
 
 
 def _idle_reason(instance: Instance) -> str:
