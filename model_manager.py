@@ -7,6 +7,7 @@ Who owns what
   ``models`` settings, name resolution and rescans.
 * ``instances``: ``Instance`` (one model in one mode), its states and ``Instance.transition``.
 * ``capacity.plan_room``: what must go for a load to fit (pure).
+* ``model_views``: the JSON shape of the listings (pure, over snapshots taken here).
 * This module: every instance's lifecycle, and the only code that changes it.
 
 Concurrency model
@@ -60,7 +61,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from capacity import Holder, plan_room
@@ -80,6 +80,7 @@ from events import EventBus
 from gguf_meta import Shape, estimate_bytes, model_shape
 from instances import Instance, Mode, ModelState, worker_pid
 from memory import MemoryProbe
+from model_views import InstanceSnapshot, loaded_ids, model_view
 from registry import NO_SETTINGS, Registry
 from workers import LoadOptions, WorkerLauncher, default_threads
 
@@ -730,71 +731,49 @@ class ModelManager:
         relative to the models folder (for callers who may not learn the server's layout).
         """
         self._registry.rescan_if_stale()
-        root = self.settings.models_directory.resolve()
+        root = self.settings.models_directory.resolve() if relative_paths else None
         with self._lock:
             files, settings = self._registry.listing_locked()
             instances = dict(self._instances)
         views = []
         for file in files:
-            model = settings.get(file.id, NO_SETTINGS)
-            generate = instances.get((file.id, Mode.GENERATE))
-            path = _relative(file.path, root) if relative_paths else str(file.path)
-            view: dict[str, Any] = {"id": file.id, "aliases": list(model.aliases), "path": path,
-                                    "size_bytes": file.size, "created": file.created, "pinned": model.pinned}
-            view.update(self._instance_view(generate, file))
+            generate = self._snapshot(instances.get((file.id, Mode.GENERATE)) or self._unloaded(file))
             embed = instances.get((file.id, Mode.EMBED))
-            if embed is not None:
-                view["embeddings"] = self._instance_view(embed, file)
-            views.append(view)
+            views.append(model_view(file, settings.get(file.id, NO_SETTINGS), generate,
+                                    self._snapshot(embed) if embed is not None else None, root))
         return views
 
-    def _instance_view(self, instance: Instance | None, file: ModelFile) -> dict[str, Any]:
-        if instance is None:
-            instance = Instance(file, Mode.GENERATE)
-            instance.estimate = self._estimate(instance)
+    def _unloaded(self, file: ModelFile) -> Instance:
+        """Stands in, in a listing, for a model no request has used yet."""
+        instance = Instance(file, Mode.GENERATE)
+        instance.estimate = self._estimate(instance)
+        return instance
+
+    def _snapshot(self, instance: Instance) -> InstanceSnapshot:
+        """What a listing shows of ``instance``, copied under its ``cond``; the policy's
+        answers (timeout, pin, estimate) come first, since they take the registry lock."""
         now, wall = self._clock(), self._wall()
         timeout, pinned = self._idle_timeout(instance), self._pinned(instance)
         estimate = instance.estimate or self._estimate(instance)
         with instance.cond:
             loaded = instance.state is ModelState.LOADED
-            idle = loaded and not instance.leases
-            last_used = wall - (now - instance.last_used) if instance.last_used else None
-            expires = last_used + timeout if idle and last_used and timeout >= 0 and not pinned else None
-            view = {
-                "state": instance.state.value,
-                "in_flight": instance.leases,
-                "queued": max(0, instance.leases - instance.generating),
-                "idle_seconds": round(now - instance.last_used, 3) if idle else None,
-                "estimated_memory_bytes": estimate,
-                "loaded_at": instance.loaded_at,
-                "last_used": round(last_used, 3) if last_used else None,
-                "expires_at": round(expires, 3) if expires else None,
-                "idle_timeout": timeout,
-                "load_seconds": instance.load_seconds,
-                "pid": worker_pid(instance.worker) if loaded else None,
-                "error": instance.error.message if instance.error else None,
-            }
-            if instance.state is ModelState.LOADING:
-                view["progress"] = round(instance.progress, 3)
-            return view
+            return InstanceSnapshot(
+                state=instance.state, leases=instance.leases, generating=instance.generating,
+                last_used=instance.last_used, loaded_at=instance.loaded_at, load_seconds=instance.load_seconds,
+                progress=instance.progress, pid=worker_pid(instance.worker) if loaded else None,
+                error=instance.error.message if instance.error else None, estimate=estimate,
+                idle_timeout=timeout, pinned=pinned, now=now, wall=wall)
 
     def loaded_models(self) -> list[str]:
         """Ids of models with an instance loaded."""
         with self._lock:
             instances = list(self._instances.values())
-        return sorted({i.file.id for i in instances if i.state is ModelState.LOADED})
+        return loaded_ids((i.file.id, i.state) for i in instances)
 
 
 def _idle_reason(instance: Instance) -> str:
     """Why an idle unload happens: a request's keep_alive set the timeout, or the config did."""
     return "keep_alive" if instance.keep_alive is not None else "idle"
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:  # the folder moved since discovery: the name alone
-        return path.name
 
 
 def _gib(size: int) -> str:
