@@ -1,14 +1,25 @@
-"""Discovery, lazy single-flight loading, leases, unloading, and the policy that decides them.
+"""The model lifecycle behind one facade: lazy single-flight loading, leases, unloading,
+crashes, and the policy that decides them.
+
+Who owns what
+-------------
+* ``registry.Registry``: the discovered files, the aliases, the ``model_manager`` and
+  ``models`` settings, name resolution and rescans.
+* ``instances``: ``Instance`` (one model in one mode), its states and ``Instance.transition``.
+* ``capacity.plan_room``: what must go for a load to fit (pure).
+* ``model_views``: the JSON shape of the listings (pure, over snapshots taken here).
+* This module: every instance's lifecycle, and the only code that changes it.
 
 Concurrency model
 -----------------
-* ``ModelManager._lock`` (the registry lock) guards ``_files``, ``_instances``, ``_settings``
-  and ``_models``. It is held only for dictionary work, never during a load, an unload or
-  a generation, so ``/health`` and other models never wait behind one.
+* The registry lock (``ModelManager._lock``, the one lock object the registry is given)
+  guards the registry's files and settings and this manager's ``_instances``. It is held
+  only for dictionary work, never during a load, an unload or a generation, so
+  ``/health`` and other models never wait behind one.
 * Each ``Instance`` (one model in one mode: text generation or embeddings) runs in a
   worker process of its own (``engine.client.Worker``, started by the loader) and has a
   condition variable ``cond`` guarding its state, leases and bookkeeping. Every state
-  change goes through ``ModelManager._transition`` with ``cond`` held, and every decision
+  change goes through ``Instance.transition`` with ``cond`` held, and every decision
   to unload is taken under ``cond`` together with the lease check it depends on. ``cond``
   is never held while a worker is asked anything (load, close, a request).
 * A worker that dies unexpectedly is reported by its reader thread (``_on_worker_exit``):
@@ -50,13 +61,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
-from enum import Enum
-from pathlib import Path
 from typing import Any
 
 from capacity import Holder, plan_room
 from config import ManagerSettings, ModelSettings
-from discovery import ModelFile, discover
+from discovery import ModelFile
 from errors import (
     InvalidRequest,
     LoadFailed,
@@ -69,69 +78,20 @@ from errors import (
 )
 from events import EventBus
 from gguf_meta import Shape, estimate_bytes, model_shape
+from instances import Instance, Mode, ModelState, worker_pid
 from memory import MemoryProbe
+from model_views import InstanceSnapshot, loaded_ids, model_view
+from registry import NO_SETTINGS, Registry
 from workers import LoadOptions, WorkerLauncher, default_threads
+
+__all__ = ["Clock", "Instance", "Lease", "Loader", "Mode", "ModelManager", "ModelState", "UnloadReport"]
 
 log = logging.getLogger(__name__)
 
 Loader = Callable[[ModelFile, LoadOptions], Any]
 Clock = Callable[[], float]
 
-MAX_NAME_LENGTH = 512
-REDISCOVER_INTERVAL = 1.0  # seconds between rescans prompted by unknown model names
 PROGRESS_STEP = 0.1  # publish load progress in steps of 10%
-NO_SETTINGS = ModelSettings()
-
-
-class ModelState(str, Enum):
-    UNLOADED = "unloaded"
-    LOADING = "loading"
-    LOADED = "loaded"
-    UNLOADING = "unloading"
-    FAILED = "failed"
-
-
-class Mode(str, Enum):
-    GENERATE = "generate"
-    EMBED = "embed"
-
-
-_TRANSITIONS: dict[ModelState, set[ModelState]] = {
-    ModelState.UNLOADED: {ModelState.LOADING},
-    ModelState.FAILED: {ModelState.LOADING},
-    ModelState.LOADING: {ModelState.LOADED, ModelState.FAILED},
-    ModelState.LOADED: {ModelState.UNLOADING, ModelState.FAILED},  # FAILED: its worker crashed
-    ModelState.UNLOADING: {ModelState.UNLOADED},
-}
-
-
-@dataclass(eq=False)
-class Instance:
-    """One model in one mode: its worker (when loaded) and its bookkeeping."""
-
-    file: ModelFile
-    mode: Mode
-    cond: threading.Condition = field(default_factory=threading.Condition)
-    state: ModelState = ModelState.UNLOADED
-    worker: Any = None  # an engine.client.Worker while loaded
-    cache: dict[str, Any] = field(default_factory=dict)  # per-load derived data (token pieces, template)
-    leases: int = 0
-    generating: int = 0
-    attempt: int = 0
-    error: ServiceError | None = None
-    last_used: float = 0.0
-    loaded_at: float | None = None
-    load_seconds: float | None = None
-    estimate: int = 0
-    progress: float = 0.0
-    keep_alive: float | None = None  # set by a request's keep_alive; beats the config
-    removed: bool = False
-    admitted: bool = False  # a load that was given room (counts towards the limits while loading)
-    draining: bool = False  # a load waits for this one: new requests wait instead of leasing it
-
-    @property
-    def label(self) -> str:
-        return self.file.id if self.mode is Mode.GENERATE else f"{self.file.id} (embeddings)"
 
 
 class Lease:
@@ -218,19 +178,16 @@ class ModelManager:
     def __init__(self, settings: ManagerSettings, models: dict[str, ModelSettings] | None = None, *,
                  clock: Clock = time.monotonic, loader: Loader | None = None, wall_clock: Clock = time.time,
                  events: EventBus | None = None) -> None:
-        self._settings = settings
-        self._models = dict(models or {})
-        self._aliases = _alias_map(self._models)
+        self._lock = threading.Lock()  # the registry lock: the registry's dictionaries and _instances
+        self._registry = Registry(settings, models, lock=self._lock,
+                                  rescan=lambda: self.rediscover(in_background=True))
         self._clock = clock
         self._wall = wall_clock
         self._loader: Loader = loader or WorkerLauncher(settings.worker_timeout)
         self.events = events or EventBus()
-        self._lock = threading.Lock()
         self._room = threading.Condition()
-        self._files: dict[str, ModelFile] = {}
         self._instances: dict[tuple[str, Mode], Instance] = {}
         self._closing = False
-        self._last_scan = float("-inf")
         self._memory = MemoryProbe()
         self._background = ThreadPoolExecutor(1, thread_name_prefix="unload")  # unloads no request waits for
         self.rediscover()
@@ -239,7 +196,7 @@ class ModelManager:
 
     @property
     def settings(self) -> ManagerSettings:
-        return self._settings
+        return self._registry.settings
 
     @property
     def closing(self) -> bool:
@@ -247,16 +204,12 @@ class ModelManager:
 
     def model_settings(self, model_id: str) -> ModelSettings:
         """The ``models`` section entry for ``model_id`` (empty defaults if none)."""
-        with self._lock:
-            return self._models.get(model_id, NO_SETTINGS)
+        return self._registry.model_settings(model_id)
 
     def apply_settings(self, settings: ManagerSettings,
                        models: dict[str, ModelSettings] | None = None) -> tuple[list[str], list[str]]:
         """Use new settings from the next load on, and rediscover the models folder."""
-        with self._lock:
-            self._settings = settings
-            self._models = dict(models or {})
-            self._aliases = _alias_map(self._models)
+        self._registry.configure(settings, models)
         return self.rediscover()
 
     # ----------------------------------------------------------------- discovery
@@ -267,68 +220,44 @@ class ModelManager:
         A loaded model whose file is gone is unloaded once idle; ``in_background`` does that
         on the unload thread, for callers that must not wait (listings).
         """
-        directory = self._settings.models_directory
-        if not directory.is_dir() and not in_background:
-            log.warning("models folder %s does not exist; put .gguf files there and POST /admin/reload",
-                        directory)
-        found = discover(directory)
-        with self._lock:
-            self._last_scan = time.monotonic()
-            added = sorted(set(found) - set(self._files))
-            removed = sorted(set(self._files) - set(found))
-            self._files = found
-            gone = []
-            for (model_id, _), instance in self._instances.items():
-                with instance.cond:
-                    instance.removed = model_id not in found
-                    if not instance.removed:
-                        instance.file = found[model_id]
-                if instance.removed:
-                    gone.append(instance)
-            unknown = sorted(set(self._models) - set(found))
-        for model_id in added:
-            log.info("model discovered model=%s path=%s", model_id, found[model_id].path)
-        for model_id in removed:
-            log.info("model removed model=%s reason=file_gone", model_id)
-        if unknown and (added or removed or not in_background):
-            log.warning("config names models that are not in the models folder: %s", ", ".join(unknown))
+        gone: list[Instance] = []
+        added, removed = self._registry.rediscover(
+            quiet=in_background, sync=lambda found: gone.extend(self._mark_removed_locked(found)))
         for instance in gone:
             if in_background:
                 self._in_background(self._unload_when_idle, instance, "reload")
             else:
                 self._unload_instance(instance, "reload", timeout=0)
         self._forget_removed()
-        if added:
-            # Read the new files' headers now, off the request path: the listings show their
-            # memory estimates, and a large vocabulary takes tens of milliseconds to skip.
-            threading.Thread(target=_read_shapes, args=([found[i] for i in added],), name="gguf-meta",
-                             daemon=True).start()
         return added, removed
+
+    def _mark_removed_locked(self, found: dict[str, ModelFile]) -> list[Instance]:
+        """Flag the instances whose file is gone (and follow files that moved); the flagged ones.
+
+        Caller holds the registry lock, as the file list changes: an instance is never seen
+        with a file the registry no longer knows without also being marked ``removed``.
+        """
+        gone = []
+        for (model_id, _), instance in self._instances.items():
+            with instance.cond:
+                instance.removed = model_id not in found
+                if not instance.removed:
+                    instance.file = found[model_id]
+            if instance.removed:
+                gone.append(instance)
+        return gone
 
     def resolve(self, name: str | None) -> str:
         """Map a request's model name, alias, or None (the default) to a model id."""
-        if name is None:
-            name = self._settings.default_model
-            if name is None:
-                raise InvalidRequest("you must provide a model parameter (no default_model is configured)",
-                                     param="model", code="missing_model")
-        if not name or len(name) > MAX_NAME_LENGTH or "\x00" in name:
-            raise ModelNotFound(f"The model '{name[:100]}' does not exist", param="model")
-        for attempt in range(2):
-            with self._lock:
-                for candidate in (name, name[:-5] if name.endswith(".gguf") else None):
-                    if candidate is None:
-                        continue
-                    candidate = self._aliases.get(candidate, candidate)
-                    if candidate in self._files:
-                        return candidate
-                available = list(self._files)
-            # A file may have been dropped in since the last scan.
-            if attempt == 1 or not self._rescan_if_stale():
-                break
-        hint = f"; available: {', '.join(available[:5])}" if available else "; no models are installed"
-        more = f" and {len(available) - 5} more" if len(available) > 5 else ""
-        raise ModelNotFound(f"The model '{name[:100]}' does not exist{hint}{more}", param="model")
+        return self._registry.resolve(name)
+
+    def model_file(self, model_id: str) -> ModelFile:
+        """The discovered file of ``model_id`` (an id from ``resolve``)."""
+        return self._registry.model_file(model_id)
+
+    def header(self, model_id: str) -> Shape | None:
+        """What the model's GGUF header says (vocabulary size, width...), without loading it."""
+        return self._registry.header(model_id)
 
     def is_loaded(self, name: str | None, mode: Mode = Mode.GENERATE) -> bool:
         """Whether the model (after resolving ``name``) is loaded now; advisory only."""
@@ -344,19 +273,6 @@ class ModelManager:
         return instance.progress if instance is not None else 0.0
 
     # ------------------------------------------------------------------- leases
-
-    def model_file(self, model_id: str) -> ModelFile:
-        """The discovered file of ``model_id`` (an id from ``resolve``)."""
-        with self._lock:
-            file = self._files.get(model_id)
-        if file is None:
-            raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
-        return file
-
-    def header(self, model_id: str) -> Shape | None:
-        """What the model's GGUF header says (vocabulary size, width...), without loading it."""
-        file = self.model_file(model_id)
-        return model_shape(file.path, file.size, file.created)
 
     def check_mode(self, model_id: str, mode: Mode) -> None:
         """Refuse text generation on a model configured for embeddings only."""
@@ -374,8 +290,8 @@ class ModelManager:
         with instance.cond:
             while instance.draining and not self._closing:
                 instance.cond.wait()  # it is about to be unloaded to make room for another model
-            if instance.leases - instance.generating >= self._settings.max_queue:
-                raise QueueFull(f"{model_id} already has {self._settings.max_queue} requests waiting; retry shortly",
+            if instance.leases - instance.generating >= self.settings.max_queue:
+                raise QueueFull(f"{model_id} already has {self.settings.max_queue} requests waiting; retry shortly",
                                 param="model", headers={"Retry-After": "1"})
             # The latest request decides (Ollama's rule): one without keep_alive goes back to
             # the configured timeout, so one client's keep_alive 0 cannot stick for everybody.
@@ -396,7 +312,7 @@ class ModelManager:
                         instance.attempt += 1
                         instance.progress = 0.0
                         instance.estimate = estimate
-                        self._transition(instance, ModelState.LOADING)
+                        instance.transition(ModelState.LOADING, self.events)
                         break
                     if state is ModelState.LOADING:
                         awaited = instance.attempt
@@ -415,7 +331,7 @@ class ModelManager:
         with self._lock:
             instance = self._instances.get((model_id, mode))
             if instance is None:
-                file = self._files.get(model_id)
+                file = self._registry.file_locked(model_id)
                 if file is None:
                     raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
                 instance = self._instances[(model_id, mode)] = Instance(file, mode)
@@ -461,7 +377,7 @@ class ModelManager:
         if instance.keep_alive is not None:
             return instance.keep_alive
         configured = self.model_settings(instance.file.id).idle_timeout
-        return configured if configured is not None else self._settings.idle_timeout
+        return configured if configured is not None else self.settings.idle_timeout
 
     def _pinned(self, instance: Instance) -> bool:
         return self.model_settings(instance.file.id).pinned
@@ -477,15 +393,14 @@ class ModelManager:
             return model.n_ctx
         shape = model_shape(file.path, file.size, file.created)
         trained = shape.n_ctx_train if shape is not None else 0
-        configured = self._settings.n_ctx
+        configured = self.settings.n_ctx
         if trained and (configured == 0 or configured > trained):
             return trained
         return configured
 
     def _load_options(self, instance: Instance) -> LoadOptions:
         n_ctx = self._context_size(instance.file)
-        with self._lock:
-            settings, model = self._settings, self._models.get(instance.file.id, NO_SETTINGS)
+        settings, model = self._registry.settings_for(instance.file.id)
         return LoadOptions(
             n_ctx=n_ctx,
             n_gpu_layers=model.n_gpu_layers if model.n_gpu_layers is not None else settings.n_gpu_layers,
@@ -499,7 +414,7 @@ class ModelManager:
     def _estimate(self, instance: Instance) -> int:
         """Weights, KV cache and margin (``estimate_bytes``), plus the RAM its prompt cache may fill."""
         file = instance.file
-        cache = self._settings.prompt_cache_bytes if instance.mode is Mode.GENERATE else 0
+        cache = self.settings.prompt_cache_bytes if instance.mode is Mode.GENERATE else 0
         return estimate_bytes(file.size, model_shape(file.path, file.size, file.created),
                               self._context_size(file)) + cache
 
@@ -508,13 +423,13 @@ class ModelManager:
 
         The decision is ``capacity.plan_room``'s; acting on it, one model at a time, is ours.
         """
-        limit, budget = self._settings.max_loaded_models, self._settings.memory_budget
+        limit, budget = self.settings.max_loaded_models, self.settings.memory_budget
         if budget is not None and instance.estimate > budget:
             raise InvalidRequest(f"{instance.file.id} needs about {_gib(instance.estimate)} (estimate), more than "
                                  f"the memory_budget of {_gib(budget)}", param="model", code="model_too_large")
         if not limit and budget is None:
             return
-        deadline = time.monotonic() + self._settings.load_wait_timeout
+        deadline = time.monotonic() + self.settings.load_wait_timeout
         drained: list[Instance] = []
         with self._room:
             try:
@@ -616,11 +531,12 @@ class ModelManager:
                 instance.loaded_at, instance.load_seconds = self._wall(), seconds
                 instance.last_used = self._clock()
                 instance.progress = 1.0
-                self._transition(instance, ModelState.LOADED, seconds=round(seconds, 3), pid=_pid(worker),
-                                 rss_mb=round(self._memory.rss(_pid(worker)) / 2**20, 1))
+                pid = worker_pid(worker)
+                instance.transition(ModelState.LOADED, self.events, seconds=round(seconds, 3), pid=pid,
+                                    rss_mb=round(self._memory.rss(pid) / 2**20, 1))
             else:
                 instance.error = error
-                self._transition(instance, ModelState.FAILED, reason=error.message, seconds=round(seconds, 3))
+                instance.transition(ModelState.FAILED, self.events, reason=error.message, seconds=round(seconds, 3))
             instance.cond.notify_all()
         with self._room:
             self._room.notify_all()
@@ -634,7 +550,7 @@ class ModelManager:
         if exit_info.expected:
             return
         with instance.cond:
-            if _pid(instance.worker) != exit_info.pid or instance.state is not ModelState.LOADED:
+            if worker_pid(instance.worker) != exit_info.pid or instance.state is not ModelState.LOADED:
                 return  # not the current worker, or already being unloaded
             instance.worker, instance.cache = None, {}
             instance.loaded_at = None
@@ -642,7 +558,7 @@ class ModelManager:
             instance.error = ModelCrashed(f"{instance.file.id} crashed: {exit_info.reason}")
             self.events.publish("crashed", model=instance.file.id, mode=instance.mode.value, pid=exit_info.pid,
                                 signal=exit_info.signal, reason=exit_info.reason)
-            self._transition(instance, ModelState.FAILED, reason=f"crashed: {exit_info.reason}")
+            instance.transition(ModelState.FAILED, self.events, reason=f"crashed: {exit_info.reason}")
             instance.cond.notify_all()
         with self._room:
             self._room.notify_all()
@@ -671,7 +587,7 @@ class ModelManager:
 
     def _begin_unload(self, instance: Instance, reason: str) -> Any:
         """Caller holds ``cond`` and has checked that no lease is held."""
-        self._transition(instance, ModelState.UNLOADING, reason=reason)
+        instance.transition(ModelState.UNLOADING, self.events, reason=reason)
         worker, instance.worker = instance.worker, None
         instance.cache = {}
         instance.keep_alive = None  # a request's keep_alive never outlives the load it applied to
@@ -679,7 +595,7 @@ class ModelManager:
 
     def _finish_unload(self, instance: Instance, worker: Any, reason: str) -> None:
         """Stop the worker: its exit gives every byte of RAM and VRAM it held back to the system."""
-        pid = _pid(worker)
+        pid = worker_pid(worker)
         freed: dict[str, float] = {"freed_rss_mb": round(self._memory.rss(pid) / 2**20, 1)}
         vram = self._memory.vram(pid)
         if vram is not None:
@@ -693,8 +609,8 @@ class ModelManager:
             log.exception("error while closing model=%s", instance.file.id)
         with instance.cond:
             instance.loaded_at = None
-            self._transition(instance, ModelState.UNLOADED, reason=reason,
-                             seconds=round(time.monotonic() - started, 3), **freed)
+            instance.transition(ModelState.UNLOADED, self.events, reason=reason,
+                                seconds=round(time.monotonic() - started, 3), **freed)
             instance.cond.notify_all()
         with self._room:
             self._room.notify_all()
@@ -706,20 +622,6 @@ class ModelManager:
                     idle = instance.state in (ModelState.UNLOADED, ModelState.FAILED) and not instance.leases
                     if instance.removed and idle:
                         del self._instances[key]
-
-    def _transition(self, instance: Instance, new: ModelState, **details: Any) -> None:
-        """The one place a state changes: checked, logged, published. Caller holds ``cond``."""
-        old = instance.state
-        if new not in _TRANSITIONS[old]:
-            raise RuntimeError(f"invalid transition {old.value} -> {new.value} for {instance.label}")
-        instance.state = new
-        if new in (ModelState.UNLOADED, ModelState.FAILED):
-            instance.admitted = False
-        if new is ModelState.UNLOADING:
-            instance.draining = False
-        log.info("model %s model=%s mode=%s %s", new.value, instance.file.id, instance.mode.value,
-                 " ".join(f"{k}={v}" for k, v in details.items()))
-        self.events.publish(new.value, model=instance.file.id, mode=instance.mode.value, **details)
 
     # --------------------------------------------------------------- operations
 
@@ -750,7 +652,7 @@ class ModelManager:
 
     def unload(self, name: str, reason: str = "admin", timeout: float | None = None) -> UnloadReport:
         """Unload one model (both modes) or ``"all"``, waiting up to ``timeout`` s for leases."""
-        timeout = self._settings.unload_timeout if timeout is None else timeout
+        timeout = self.settings.unload_timeout if timeout is None else timeout
         if name == "all":
             with self._lock:
                 targets = list(self._instances.values())
@@ -821,17 +723,6 @@ class ModelManager:
 
     # ------------------------------------------------------------------ views
 
-    def _rescan_if_stale(self) -> bool:
-        """Pick up files copied in or deleted since the last scan, at most once a second;
-        whether it rescanned."""
-        with self._lock:
-            now = time.monotonic()
-            if now - self._last_scan <= REDISCOVER_INTERVAL:
-                return False
-            self._last_scan = now  # claimed: callers meanwhile use what is known
-        self.rediscover(in_background=True)
-        return True
-
     def models(self, *, relative_paths: bool = False) -> list[dict[str, Any]]:
         """Every discovered model with its live state; never blocks on a load or generation.
 
@@ -839,86 +730,50 @@ class ModelManager:
         copied in shows up on the next listing. ``relative_paths`` shows each model's path
         relative to the models folder (for callers who may not learn the server's layout).
         """
-        self._rescan_if_stale()
-        root = self._settings.models_directory.resolve()
+        self._registry.rescan_if_stale()
+        root = self.settings.models_directory.resolve() if relative_paths else None
         with self._lock:
-            files = list(self._files.values())
+            files, settings = self._registry.listing_locked()
             instances = dict(self._instances)
-            settings = dict(self._models)
         views = []
         for file in files:
-            model = settings.get(file.id, NO_SETTINGS)
-            generate = instances.get((file.id, Mode.GENERATE))
-            path = _relative(file.path, root) if relative_paths else str(file.path)
-            view: dict[str, Any] = {"id": file.id, "aliases": list(model.aliases), "path": path,
-                                    "size_bytes": file.size, "created": file.created, "pinned": model.pinned}
-            view.update(self._instance_view(generate, file))
+            generate = self._snapshot(instances.get((file.id, Mode.GENERATE)) or self._unloaded(file))
             embed = instances.get((file.id, Mode.EMBED))
-            if embed is not None:
-                view["embeddings"] = self._instance_view(embed, file)
-            views.append(view)
+            views.append(model_view(file, settings.get(file.id, NO_SETTINGS), generate,
+                                    self._snapshot(embed) if embed is not None else None, root))
         return views
 
-    def _instance_view(self, instance: Instance | None, file: ModelFile) -> dict[str, Any]:
-        if instance is None:
-            instance = Instance(file, Mode.GENERATE)
-            instance.estimate = self._estimate(instance)
+    def _unloaded(self, file: ModelFile) -> Instance:
+        """Stands in, in a listing, for a model no request has used yet."""
+        instance = Instance(file, Mode.GENERATE)
+        instance.estimate = self._estimate(instance)
+        return instance
+
+    def _snapshot(self, instance: Instance) -> InstanceSnapshot:
+        """What a listing shows of ``instance``, copied under its ``cond``; the policy's
+        answers (timeout, pin, estimate) come first, since they take the registry lock."""
         now, wall = self._clock(), self._wall()
         timeout, pinned = self._idle_timeout(instance), self._pinned(instance)
         estimate = instance.estimate or self._estimate(instance)
         with instance.cond:
             loaded = instance.state is ModelState.LOADED
-            idle = loaded and not instance.leases
-            last_used = wall - (now - instance.last_used) if instance.last_used else None
-            expires = last_used + timeout if idle and last_used and timeout >= 0 and not pinned else None
-            view = {
-                "state": instance.state.value,
-                "in_flight": instance.leases,
-                "queued": max(0, instance.leases - instance.generating),
-                "idle_seconds": round(now - instance.last_used, 3) if idle else None,
-                "estimated_memory_bytes": estimate,
-                "loaded_at": instance.loaded_at,
-                "last_used": round(last_used, 3) if last_used else None,
-                "expires_at": round(expires, 3) if expires else None,
-                "idle_timeout": timeout,
-                "load_seconds": instance.load_seconds,
-                "pid": _pid(instance.worker) if loaded else None,
-                "error": instance.error.message if instance.error else None,
-            }
-            if instance.state is ModelState.LOADING:
-                view["progress"] = round(instance.progress, 3)
-            return view
+            return InstanceSnapshot(
+                state=instance.state, leases=instance.leases, generating=instance.generating,
+                last_used=instance.last_used, loaded_at=instance.loaded_at, load_seconds=instance.load_seconds,
+                progress=instance.progress, pid=worker_pid(instance.worker) if loaded else None,
+                error=instance.error.message if instance.error else None, estimate=estimate,
+                idle_timeout=timeout, pinned=pinned, now=now, wall=wall)
 
     def loaded_models(self) -> list[str]:
         """Ids of models with an instance loaded."""
         with self._lock:
             instances = list(self._instances.values())
-        return sorted({i.file.id for i in instances if i.state is ModelState.LOADED})
-
-
-def _pid(worker: Any) -> int | None:
-    return getattr(worker, "pid", None)
+        return loaded_ids((i.file.id, i.state) for i in instances)
 
 
 def _idle_reason(instance: Instance) -> str:
     """Why an idle unload happens: a request's keep_alive set the timeout, or the config did."""
     return "keep_alive" if instance.keep_alive is not None else "idle"
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:  # the folder moved since discovery: the name alone
-        return path.name
-
-
-def _read_shapes(files: list[ModelFile]) -> None:
-    for file in files:
-        model_shape(file.path, file.size, file.created)
-
-
-def _alias_map(models: dict[str, ModelSettings]) -> dict[str, str]:
-    return {alias: model_id for model_id, model in models.items() for alias in model.aliases}
 
 
 def _gib(size: int) -> str:
