@@ -344,8 +344,9 @@ class ModelManager:
         instance.cond.notify_all()
 
     def _release(self, instance: Instance, *, warm_up: bool = False) -> None:
-        timeout, pinned = self._idle_timeout(instance), self._pinned(instance)  # not under cond (lock order)
+        configured, pinned = self._configured_timeout(instance), self._pinned(instance)  # not under cond
         with instance.cond:
+            timeout = _timeout(instance, configured)  # keep_alive under cond: a request may just have set it
             self._drop_lease(instance)
             idle = instance.leases == 0 and instance.state is ModelState.LOADED
             reason = "reload" if instance.removed else _idle_reason(instance)
@@ -372,10 +373,13 @@ class ModelManager:
     def _idle_timeout(self, instance: Instance) -> float:
         """Seconds idle before unloading: request keep_alive > model config > global; <0 never.
 
-        Takes the registry lock: never call it holding ``instance.cond``.
+        Takes the registry lock: never call it holding ``instance.cond``. A decision taken
+        under ``cond`` uses ``_configured_timeout`` before it and ``_timeout`` inside it.
         """
-        if instance.keep_alive is not None:
-            return instance.keep_alive
+        return _timeout(instance, self._configured_timeout(instance))
+
+    def _configured_timeout(self, instance: Instance) -> float:
+        """The model's configured idle timeout, else the global one (takes the registry lock)."""
         configured = self.model_settings(instance.file.id).idle_timeout
         return configured if configured is not None else self.settings.idle_timeout
 
@@ -674,13 +678,15 @@ class ModelManager:
             candidates = list(self._instances.values())
         evicted = []
         for instance in candidates:
-            timeout = self._idle_timeout(instance)
-            if timeout < 0 or self._pinned(instance):
+            if self._pinned(instance):
                 continue
+            configured = self._configured_timeout(instance)
             with instance.cond:
-                # Decide under cond: a request may have taken a lease since the snapshot.
+                # Decide under cond: a request may have taken a lease, or set keep_alive, since.
+                timeout = _timeout(instance, configured)
                 idle_for = self._clock() - instance.last_used
-                if not (instance.state is ModelState.LOADED and instance.leases == 0 and idle_for >= timeout):
+                if timeout < 0 or not (instance.state is ModelState.LOADED and instance.leases == 0
+                                       and idle_for >= timeout):
                     continue
                 reason = _idle_reason(instance)
                 worker = self._begin_unload(instance, reason)
@@ -745,7 +751,8 @@ class ModelManager:
 
     def _unloaded(self, file: ModelFile) -> Instance:
         """Stands in, in a listing, for a model no request has used yet."""
-        instance = Instance(file, Mode.GENERATE)
+        mode = Mode.EMBED if self.model_settings(file.id).embedding else Mode.GENERATE  # what a load would be
+        instance = Instance(file, mode)
         instance.estimate = self._estimate(instance)
         return instance
 
@@ -769,6 +776,12 @@ class ModelManager:
         with self._lock:
             instances = list(self._instances.values())
         return loaded_ids((i.file.id, i.state) for i in instances)
+
+
+def _timeout(instance: Instance, configured: float) -> float:
+    """The idle timeout in force: the latest request's keep_alive, else ``configured``.
+    Read under ``instance.cond``."""
+    return instance.keep_alive if instance.keep_alive is not None else configured
 
 
 def _idle_reason(instance: Instance) -> str:
