@@ -88,33 +88,51 @@ class Slot:
 @dataclass
 class _Entry:
     tokens: list[int]
-    data: bytes
+    data: memoryview  # a view of a bytearray from ``LoadedModel.state_get``
 
 
 class PromptCache:
-    """KV states of conversations pushed out of their slot, least recently used out first."""
+    """KV states of conversations pushed out of their slot, least recently used out first.
+
+    The buffer of an entry restored into a slot is kept as the ``spare`` for the next save
+    (two conversations taking turns swap one buffer instead of faulting in fresh memory each
+    turn); it is outside ``max_bytes``, and at most one entry's size.
+    """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._next_key = 0
+        self._spare: bytearray | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, tokens: list[int], data: bytes) -> bool:
+    def take_spare(self) -> bytearray | None:
+        """The buffer of the last restored entry, for ``state_get`` to write into."""
+        spare, self._spare = self._spare, None
+        return spare
+
+    def recycle(self, data: memoryview) -> None:
+        """An entry's state was restored: keep its buffer as the spare."""
+        buffer = data.obj
+        data.release()
+        if isinstance(buffer, bytearray) and len(buffer) <= self.max_bytes:
+            self._spare = buffer
+
+    def put(self, tokens: list[int], data: memoryview) -> bool:
         """Keep ``data`` for ``tokens`` unless it alone exceeds the budget; entries it extends go."""
-        if not data or len(data) > self.max_bytes:
+        if not data or len(data.obj) > self.max_bytes:  # type: ignore[arg-type]
             return False
         for key, entry in list(self._entries.items()):
             if tokens[: len(entry.tokens)] == entry.tokens:
                 self._remove(key)
-        while self.bytes + len(data) > self.max_bytes:
+        while self.bytes + len(data.obj) > self.max_bytes:  # type: ignore[arg-type]
             self._remove(next(iter(self._entries)))
         self._entries[self._next_key] = _Entry(list(tokens), data)
         self._next_key += 1
-        self.bytes += len(data)
+        self.bytes += len(data.obj)  # type: ignore[arg-type]
         return True
 
     def best(self, prompt: list[int]) -> tuple[int | None, int]:
@@ -132,7 +150,7 @@ class PromptCache:
         return entry
 
     def _remove(self, key: int) -> None:
-        self.bytes -= len(self._entries.pop(key).data)
+        self.bytes -= len(self._entries.pop(key).data.obj)  # type: ignore[arg-type]
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -474,7 +492,9 @@ class Scheduler:
     def _restore(self, slot: Slot, key: int, prompt: list[int]) -> int:
         entry = self.cache.pop(key)
         self._make_room(len(entry.tokens), exclude=slot)
-        if not self.model.state_set(slot.seq, entry.data):
+        restored = self.model.state_set(slot.seq, entry.data)
+        self.cache.recycle(entry.data)
+        if not restored:
             self._drop_kv(slot)
             return 0
         slot.cache = list(entry.tokens)
@@ -551,7 +571,7 @@ class Scheduler:
 
     def _save(self, slot: Slot) -> None:
         if len(slot.cache) >= MIN_CACHED_TOKENS and self.cache.max_bytes > 0 \
-                and self.cache.put(slot.cache, self.model.state_get(slot.seq)):
+                and self.cache.put(slot.cache, self.model.state_get(slot.seq, self.cache.take_spare())):
             self.stats["cache_saves"] += 1
 
     def _drop_kv(self, slot: Slot) -> None:

@@ -436,3 +436,20 @@ def test_logprobs_are_the_models_distribution_and_greedy_picks_the_top(make_work
         assert sum(np.exp(lp) for _, lp in entry.top) <= 1 + 1e-4
     plain = worker.generate(prompt, greedy(12))
     assert drain(plain) == text and plain.logprobs == []
+
+
+def test_the_prompt_cache_hands_a_restored_entrys_buffer_to_the_next_save() -> None:
+    from engine.scheduler import PromptCache
+
+    cache = PromptCache(max_bytes=100)
+    first = bytearray(40)
+    assert cache.put([1, 2, 3], memoryview(first)[:30])
+    assert cache.bytes == 40  # the buffer's real size counts, not the bytes written
+    key, length = cache.best([1, 2, 3, 4])
+    assert (key, length) == (0, 3)
+    cache.recycle(cache.pop(key).data)
+    assert cache.bytes == 0
+    assert cache.take_spare() is first and cache.take_spare() is None
+    assert not cache.put([5], memoryview(bytearray(101)))  # alone over the budget: not kept
+    cache.recycle(memoryview(bytearray(101)))
+    assert cache.take_spare() is None  # nor kept as the spare
