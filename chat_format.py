@@ -55,29 +55,35 @@ class ChatTemplate:
         self.formatter = Jinja2ChatFormatter(self.source, eos_token=info.eos_text, bos_token=self.bos_text)
         self.stops = list(FALLBACK_STOPS) if self.is_fallback else []
         self.supports_tools = "tools" in self.source
+        # gpt-oss's template reads an assistant turn's reasoning as ``thinking``, others as
+        # ``reasoning_content`` (Qwen3, Qwen3.5) or either (Gemma 4): give each its name.
+        self.reasoning_names = ["reasoning_content"] + (["thinking"] if "message.thinking" in self.source else [])
 
     def render(self, request: ChatCompletionRequest) -> ChatPrompt:
         """Render the request's messages (and tools) into a prompt."""
-        messages = [_message_dict(m) for m in request.messages]
+        messages = [_message_dict(m, self.reasoning_names) for m in request.messages]
         tools = [t.model_dump(by_alias=True) for t in request.tools or []]
         use_tools = bool(tools) and request.tool_choice != "none"
         if use_tools and not self.supports_tools:
             raise InvalidRequest("This model's chat template does not support tools", param="tools")
         try:
             rendered = self.formatter(messages=messages, tools=tools if use_tools else None,
-                                      tool_choice=None if not use_tools else _choice(request))
+                                      tool_choice=None if not use_tools else _choice(request),
+                                      **request.template_variables())
         except Exception as exc:  # templates raise on message orders they do not accept
             raise InvalidRequest(f"The model's chat template rejected the messages: {exc}",
                                  param="messages") from None
         return ChatPrompt(rendered.prompt, list(self.stops), use_tools)
 
 
-def _message_dict(message: Any) -> dict[str, Any]:
+def _message_dict(message: Any, reasoning_names: list[str]) -> dict[str, Any]:
     data: dict[str, Any] = {"role": message.role, "content": message.text()}
     for key in ("name", "tool_calls", "tool_call_id"):
         value = getattr(message, key)
         if value is not None:
             data[key] = value
+    if message.reasoning_content is not None:
+        data.update(dict.fromkeys(reasoning_names, message.reasoning_content))
     return data
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from chat_options import ChatOptions
 from sampling import SamplingFields
 
 ENV_PREFIX = "LLAMA_SERVER_"
@@ -74,8 +75,9 @@ class ManagerSettings(_Section):
         return parse_size(value) if isinstance(value, str) else value
 
 
-class SamplingDefaults(_Section, SamplingFields):
-    """Per-model defaults merged under each request's own sampling fields (only those set here)."""
+class SamplingDefaults(_Section, SamplingFields, ChatOptions):
+    """Per-model defaults merged under each request's own fields (only those set here): the
+    sampling fields, and for chat the dialect options (``chat_options``)."""
 
 
 class ModelSettings(_Section):

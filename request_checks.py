@@ -60,7 +60,8 @@ def judge(manager: ModelManager, request: _Generation, grammars: GrammarChecker)
 def apply_defaults(request: _Generation, defaults: BaseModel) -> None:
     """Fill the fields the request left out with the model's configured defaults."""
     for name in defaults.model_fields_set:
-        if name not in request.model_fields_set:
+        # The chat options apply to chat requests only: a text completion has no such fields.
+        if name not in request.model_fields_set and name in type(request).model_fields:
             setattr(request, name, getattr(defaults, name))
 
 

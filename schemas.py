@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from chat_options import ChatOptions
 from errors import InvalidRequest
 from sampling import SamplingFields
 
@@ -117,6 +118,7 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # an assistant turn's thinking, sent back (llama.cpp's name)
 
     def text(self) -> str:
         """The message's text, text parts joined by newlines as llama.cpp's server does."""
@@ -141,7 +143,7 @@ class NamedToolChoice(_Body):
     function: dict[str, str]
 
 
-class ChatCompletionRequest(_Generation):
+class ChatCompletionRequest(_Generation, ChatOptions):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[Tool] | None = None
