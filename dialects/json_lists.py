@@ -35,12 +35,16 @@ def read_tagged(trigger: str, inp: Input, out: Output) -> Reader:
 
 
 def read_phi(trigger: str, inp: Input, out: Output) -> Reader:
-    if trigger == FUNCTOOLS:
-        if (yield from peek(inp)) != "[":
-            raise NotACall()
-        yield from call_list(inp, out)
-    else:
+    """``functools[...]``, or what follows ``<|tool_call|>``; ``functools`` not opening a list of objects is text."""
+    if trigger != FUNCTOOLS:
         yield from read_tagged(trigger, inp, out)
+        return None
+    if (yield from choose(inp, ("[",))) is None:
+        raise NotACall()
+    yield from skip_ws(inp)
+    if (yield from peek(inp)) != "{":
+        raise NotACall()  # functools[0] in Python code, say
+    yield from call_list(inp, out, opened=True)
 
 
 def _list_grammar(opener: str) -> Any:

@@ -45,8 +45,10 @@ def call_object(inp: Input, out: Output, *, bare: bool = False, expect_id: bool 
         yield from skip_ws(inp)
         if key == "name" and call.name is None:
             name = yield from _json_string(inp, "the function name")
+            if bare and name not in book.schemas:
+                raise NotACall()  # bare JSON is a call only when it names a function the request offers
             if not book.known(name):
-                raise NotACall() if bare else Refused(f"unknown function {name!r}")
+                raise Refused(f"unknown function {name!r}")
             call.name = name
             call.announce_if_ready()
         elif key in args_keys and not call.has_args:
@@ -61,10 +63,13 @@ def call_object(inp: Input, out: Output, *, bare: bool = False, expect_id: bool 
     call.finish()
 
 
-def call_list(inp: Input, out: Output, *, expect_id: bool = False) -> Reader:
-    """Read ``[call, call, ...]``; each call that closes is kept even if a later one is refused."""
+def call_list(inp: Input, out: Output, *, expect_id: bool = False, opened: bool = False) -> Reader:
+    """Read ``[call, call, ...]``; each call that closes is kept even if a later one is refused.
+
+    ``opened``: the ``[`` has been read already.
+    """
     yield from skip_ws(inp)
-    if (yield from choose(inp, ("[",))) is None:
+    if not opened and (yield from choose(inp, ("[",))) is None:
         raise Refused("expected a JSON list of calls")
     first = True
     while True:

@@ -54,6 +54,8 @@ V31_CASES = [
          content="Checking both.", calls=[("get_weather", {"city": "Paris"}), ("search", {"query": "q"})]),
     Case("unicode-args", f'{BEGIN}{v31_call("get_weather", GREEK)}{END}',
          calls=[("get_weather", {"city": "Ελλάδα"})]),
+    Case("nested-args-with-end-token-in-string", f'{BEGIN}{v31_call("search", TRICKY)}{END}',
+         calls=[("search", {"query": "北京 ```json", "filters": {"site": CALL_END}})]),
     Case("malformed-unknown-function", f'{BEGIN}{v31_call("launch", "{}")}{END}',
          content=f'{BEGIN}{v31_call("launch", "{}")}{END}', malformed=True),
 ]

@@ -23,6 +23,9 @@ GRANITE_CASES = [
     Case("reasoning-and-call", f"<think>Need weather.</think><|tool_call|>[{W}]", reasoning="Need weather.",
          calls=[("get_weather", {"city": "Paris"})]),
     Case("reasoning-only", "<think>Hmm", reasoning="Hmm"),
+    Case("marker-inside-string",
+         '<|tool_call|>[{"name": "search", "arguments": {"query": "<|tool_call|>[{}] </think>"}}]',
+         calls=[("search", {"query": "<|tool_call|>[{}] </think>"})]),
     Case("unicode-args", '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Reykjavík ❄"}}]',
          calls=[("get_weather", {"city": "Reykjavík ❄"})]),
     Case("malformed", '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}]',
@@ -31,6 +34,7 @@ GRANITE_CASES = [
 
 FUNCTOOLS_CASES = [
     Case("content-only", "Use functools.partial for that.", content="Use functools.partial for that."),
+    Case("python-indexing-is-content", "x = functools[0] or functools[ ]", content="x = functools[0] or functools[ ]"),
     Case("one-call", f"functools[{W}]", calls=[("get_weather", {"city": "Paris"}, "gen0")]),
     Case("two-calls", f" functools[{W}, {S}]",
          calls=[("get_weather", {"city": "Paris"}), ("search", {"query": "a ] b", "filters": {"year": 2001}})]),

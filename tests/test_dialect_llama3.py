@@ -51,6 +51,11 @@ def test_an_answer_starting_with_a_brace_waits_only_until_it_is_decided():
     assert "".join(e.text for e in parser.feed('ult": 1')) == '{"result": 1'
 
 
+def test_bare_json_is_a_call_only_for_a_function_the_request_offers():
+    _, result = read(LLAMA3, ['{"name": "get_weather", "parameters": {}}'], tools=())
+    assert (result.content, result.tool_calls) == ('{"name": "get_weather", "parameters": {}}', [])
+
+
 def test_without_tools_parsing_json_stays_content():
     text = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
     _, result = read(LLAMA3, [text], parse_tools=False)
