@@ -36,12 +36,12 @@ from dialects.llama3 import LLAMA3
 from dialects.mistral import MISTRAL, MISTRAL_NEMO
 from dialects.parser import Parser
 from dialects.qwen_xml import CODER
-from dialects.template import TemplateInputs, adapt_messages, template_inputs, template_uses
+from dialects.template import TemplateInputs, adapt_messages, render_kwargs, template_inputs, template_uses
 
 __all__ = [
     "DIALECTS", "GENERIC", "Content", "Dialect", "Event", "Parser", "ParserOptions", "Reasoning",
     "ReasoningFormat", "Result", "TemplateInputs", "ToolCallArgs", "ToolCallStart", "adapt_messages",
-    "detect", "template_inputs", "template_uses",
+    "detect", "render_kwargs", "template_inputs", "template_uses",
 ]
 
 DIALECTS: dict[str, Dialect] = {d.name: d for d in (

@@ -73,6 +73,22 @@ def template_inputs(template: str | None) -> TemplateInputs:
                           _OBJECT_ARGUMENTS.search(code) is not None)
 
 
+def render_kwargs(inputs: TemplateInputs, chat_template_kwargs: Mapping[str, Any] | None = None,
+                  reasoning_effort: str | None = None) -> dict[str, Any]:
+    """The template variables for a request: its ``chat_template_kwargs`` as given, ``reasoning_effort`` where
+    the template reads it, and ``enable_thinking=True`` unless the request says otherwise.
+
+    Thinking defaults to on as in llama.cpp: QwQ's, the R1 distills' and DeepSeek V3.1's templates
+    close the thinking block when ``enable_thinking`` is left undefined.
+    """
+    kwargs = dict(chat_template_kwargs or {})
+    if inputs.thinking_switch == "enable_thinking":
+        kwargs.setdefault("enable_thinking", True)
+    if reasoning_effort is not None and inputs.reasoning_effort:
+        kwargs.setdefault("reasoning_effort", reasoning_effort)
+    return kwargs
+
+
 def adapt_messages(messages: Sequence[Mapping[str, Any]], inputs: TemplateInputs) -> list[dict[str, Any]]:
     """``messages`` (OpenAI dicts) shaped for the template: earlier reasoning where it reads it, and
     call arguments as objects where it wants them (arguments that are not a JSON object stay strings)."""

@@ -18,7 +18,16 @@ from hypothesis import strategies as st
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 import dialects
-from dialects import DIALECTS, GENERIC, ParserOptions, adapt_messages, detect, template_inputs, template_uses
+from dialects import (
+    DIALECTS,
+    GENERIC,
+    ParserOptions,
+    adapt_messages,
+    detect,
+    render_kwargs,
+    template_inputs,
+    template_uses,
+)
 from dialects import deepseek as ds
 from errors import InvalidRequest
 from grammar import gbnf
@@ -173,6 +182,28 @@ def test_prompt_that_opens_thinking_is_recognised(name: str, extra: dict[str, An
 def test_template_inputs(name: str, switch: str | None, effort: bool, field: str | None):
     inputs = template_inputs(template(name))
     assert (inputs.thinking_switch, inputs.reasoning_effort, inputs.reasoning_field) == (switch, effort, field)
+
+
+@pytest.mark.parametrize(("name", "request_kwargs", "effort", "expected"), [
+    ("Qwen-QwQ-32B.jinja", None, None, {"enable_thinking": True}),
+    ("Qwen-QwQ-32B.jinja", {"enable_thinking": False}, None, {"enable_thinking": False}),
+    ("openai-gpt-oss-120b.jinja", None, "high", {"reasoning_effort": "high"}),
+    ("Qwen-Qwen2.5-7B-Instruct.jinja", {"custom": 1}, "high", {"custom": 1}),
+    ("ibm-granite-granite-3.3-2B-Instruct.jinja", {"thinking": True}, None, {"thinking": True}),
+])
+def test_render_kwargs(name: str, request_kwargs, effort, expected):
+    assert render_kwargs(template_inputs(template(name)), request_kwargs, effort) == expected
+
+
+def test_thinking_is_on_by_default_where_the_template_would_close_it():
+    source = template("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja")
+    prompt = render(source, [USER], True, **render_kwargs(template_inputs(source)))
+    assert detect(source).starts_in_reasoning(prompt)
+
+
+def test_reasoning_effort_reaches_gpt_oss():
+    source = template("openai-gpt-oss-120b.jinja")
+    assert "Reasoning: high" in render(source, [USER], True, **render_kwargs(template_inputs(source), None, "high"))
 
 
 def test_template_uses_reads_code_not_prose():
