@@ -46,12 +46,3 @@ class ChatOptions(BaseModel):
         """Whether reasoning goes to ``reasoning_content`` rather than staying in ``content``."""
         return self.reasoning_format != "none"
 
-    def template_variables(self) -> dict[str, Any]:
-        """What the chat template gets besides the messages and tools."""
-        variables = dict(self.chat_template_kwargs or {})
-        if self.reasoning_effort is not None:
-            variables["reasoning_effort"] = self.reasoning_effort
-        return variables
-
-
-CHAT_OPTION_FIELDS = tuple(ChatOptions.model_fields)

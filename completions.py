@@ -30,7 +30,8 @@ from typing import Any
 from flask import Response
 
 import sse
-from chat_format import ChatTemplate, extract_tool_calls
+from chat_format import ChatPrompt, ChatTemplate
+from dialects import Content, Event, Reasoning, Result, ToolCallArgs, ToolCallStart
 from engine.client import RequestFailed, Stream, WorkerCrashed
 from engine.protocol import SamplingParams, TokenLogprob
 from errors import ContextLengthExceeded, InferenceFailed, InvalidRequest, ServiceError
@@ -64,7 +65,7 @@ class Job:
     request: _Generation
     prompts: list[list[int]]
     streams: list[Stream]  # one per choice (``n`` per prompt, in prompt order), all submitted at once
-    parse_tools: bool = False
+    reading: ChatPrompt | None = None  # a chat answer's dialect and how to read it
     observer: Observer | None = None
     disconnected: Disconnected = lambda: False
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
@@ -137,16 +138,18 @@ def prepare(manager: ModelManager, kind: str, request: _Generation, verdict: Ver
         worker = lease.worker
         info = worker.info
         params = replace(verdict.params, stop=list(verdict.params.stop))
-        parse_tools = False
+        reading = None
         prompt_param = "messages" if kind == "chat" else "prompt"
         if isinstance(request, ChatCompletionRequest):
             template = lease.cache.get("chat_template")
             if template is None:
-                template = lease.cache["chat_template"] = ChatTemplate(info, lease.settings.chat_template)
-            prompt = template.render(request)
-            params.stop = params.stop + prompt.stops
-            parse_tools = prompt.parse_tools
-            prompts: list[list[int]] = [_tokenize(worker, prompt.text, prompt_param)]
+                template = lease.cache["chat_template"] = ChatTemplate(
+                    info, lease.settings.chat_template,
+                    lambda text: worker.tokenize(text, add_special=False, parse_special=True))
+            reading = template.render(request)
+            params.stop = params.stop + reading.stops
+            params.preserved_tokens = template.preserved_tokens
+            prompts: list[list[int]] = [_tokenize(worker, reading.text, prompt_param)]
         else:
             assert isinstance(request, CompletionRequest)
             prompts = [p if isinstance(p, list) else _tokenize(worker, p, prompt_param) for p in request.prompts()]
@@ -160,7 +163,7 @@ def prepare(manager: ModelManager, kind: str, request: _Generation, verdict: Ver
                     "tokens, leaving no room for a completion", param=prompt_param)
         streams = [worker.generate(tokens, _choice_params(params, choice))
                    for tokens in prompts for choice in range(request.n)]
-        return Job(kind, lease, request, prompts, streams, parse_tools, observer, disconnected)
+        return Job(kind, lease, request, prompts, streams, reading, observer, disconnected)
     except WorkerCrashed as exc:
         lease.release()
         raise lease.crashed(exc) from None
@@ -277,10 +280,15 @@ def _choice(job: Job, index: int, text: str, finish_reason: str | None,
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     # OpenAI's message always carries "refusal" (null unless the model refused); clients read it.
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
-    if job.parse_tools:
-        content, calls = extract_tool_calls(text)
-        if calls:
-            message = {"role": "assistant", "content": content, "refusal": None, "tool_calls": calls}
+    reading = job.reading
+    if reading is not None and reading.parser_options is not None:
+        result = reading.dialect.parse(text, reading.parser_options)
+        _log_refused_call(job, result)
+        message["content"] = result.content if result.content is not None or result.tool_calls else ""
+        if result.reasoning is not None:
+            message["reasoning_content"] = result.reasoning
+        if result.tool_calls:
+            message["tool_calls"] = result.tool_calls
             finish_reason = "tool_calls"
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
@@ -447,15 +455,9 @@ def _choice_events(job: Job, base: dict[str, Any], index: int) -> Iterator[bytes
     else:
         chunk = sse.ChunkTemplate({**base, "choices": [{"index": index, "text": sse.ChunkTemplate.MARK,
                                                         "logprobs": None, "finish_reason": None}]})
-    if job.parse_tools:
-        # A tool call is only known once complete: buffer, then send it whole.
-        choice = _choice(job, index, "".join(_deltas(job, index)), None)
-        finish = choice["finish_reason"] or job.streams[index].result.finish_reason
-        delta = {k: v for k, v in choice["message"].items() if k != "role"}
-        if delta.get("tool_calls"):
-            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(delta["tool_calls"])]
-        yield sse.event({**base, "choices": [{"index": index, "delta": delta, "logprobs": None,
-                                              "finish_reason": None}]})
+    if job.reading is not None and job.reading.parser_options is not None:
+        result = yield from _read_events(job, base, index)
+        finish = "tool_calls" if result.tool_calls else job.streams[index].result.finish_reason
     elif job.logprobs is not None:
         yield from _with_logprobs(job, base, index)
         finish = job.streams[index].result.finish_reason
@@ -465,6 +467,57 @@ def _choice_events(job: Job, base: dict[str, Any], index: int) -> Iterator[bytes
     last: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": finish}
     last.update({"delta": {}} if job.kind == "chat" else {"text": ""})
     yield sse.event({**base, "choices": [last]})
+
+
+def _read_events(job: Job, base: dict[str, Any], index: int) -> Iterator[bytes]:
+    """A chat answer read by its dialect as it streams: content and reasoning deltas as they
+    are written, tool calls as OpenAI's call deltas. Returns the parser's ``Result``."""
+    reading = job.reading
+    assert reading is not None and reading.parser_options is not None
+    parser = reading.dialect.parser(reading.parser_options)
+    stream = job.streams[index]
+    for text in _deltas(job, index):
+        logprobs = _logprobs(job, stream.take_logprobs())
+        yield from _event_chunks(base, index, parser.feed(text), logprobs)
+    yield from _event_chunks(base, index, parser.flush(), None)
+    result = parser.finish()
+    _log_refused_call(job, result)
+    return result
+
+
+def _event_chunks(base: dict[str, Any], index: int, events: list[Event],
+                  logprobs: dict[str, Any] | None) -> Iterator[bytes]:
+    """One chunk per run of same-kind events (text of one kind joined, one call's argument
+    fragments joined); the delta's log probabilities ride on the first."""
+    deltas: list[dict[str, Any]] = []
+    for event in events:
+        last = deltas[-1] if deltas else None
+        if isinstance(event, Content | Reasoning):
+            key = "content" if isinstance(event, Content) else "reasoning_content"
+            if last is not None and list(last) == [key]:
+                last[key] += event.text
+            else:
+                deltas.append({key: event.text})
+        elif isinstance(event, ToolCallStart):
+            deltas.append({"tool_calls": [{"index": event.index, "id": event.id, "type": "function",
+                                           "function": {"name": event.name, "arguments": ""}}]})
+        elif isinstance(event, ToolCallArgs):
+            calls = last.get("tool_calls") if last is not None else None
+            if calls and calls[-1]["index"] == event.index:
+                calls[-1]["function"]["arguments"] += event.fragment
+            else:
+                deltas.append({"tool_calls": [{"index": event.index, "function": {"arguments": event.fragment}}]})
+    if not deltas and logprobs is not None:
+        deltas.append({"content": ""})  # a token held back (a marker may be starting): its logprobs go now
+    for delta in deltas:
+        yield sse.event({**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                              "finish_reason": None}]})
+        logprobs = None
+
+
+def _log_refused_call(job: Job, result: Result) -> None:
+    if result.malformed:
+        log.warning("tool call refused model=%s reason=%s", job.lease.model_id, result.malformed)
 
 
 def _with_logprobs(job: Job, base: dict[str, Any], index: int) -> Iterator[bytes]:

@@ -15,13 +15,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from chat_format import file_dialect
+from dialects import GENERIC
 from engine.protocol import SamplingParams
 from errors import InvalidRequest
 from grammar.checker import GrammarChecker
 from grammar.request import grammar_for
 from model_manager import Mode, ModelManager
 from sampling import SAMPLING_FIELDS
-from schemas import CompletionRequest, _Generation
+from schemas import ChatCompletionRequest, CompletionRequest, _Generation
 
 
 @dataclass
@@ -53,7 +55,9 @@ def judge(manager: ModelManager, request: _Generation, grammars: GrammarChecker)
         for prompt in request.prompts():
             if isinstance(prompt, list):
                 check_token_ids(prompt, n_vocab, "prompt")
-    grammar = grammar_for(request, manager.model_file(model_id).path, grammars)
+    path = manager.model_file(model_id).path
+    dialect = file_dialect(path, settings.chat_template) if isinstance(request, ChatCompletionRequest) else GENERIC
+    grammar = grammar_for(request, path, grammars, dialect)
     return Verdict(model_id, sampling_params(request, grammar, logit_bias))
 
 

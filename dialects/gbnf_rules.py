@@ -14,7 +14,9 @@ from typing import Any
 from grammar import gbnf
 from grammar.schema import convert, prepare
 
-WS = r"[ \t\n]*"
+# Bounded: under a grammar a model (a small or random one, say) may otherwise write whitespace
+# until max_tokens, where a real model writes a newline or two.
+WS = r"[ \t\n]{0,4}"
 _CLASS_ESCAPES = {"\\": "\\\\", "]": "\\]", "[": "\\[", "-": "\\-", "^": "\\^", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _LITERAL_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 

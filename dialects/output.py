@@ -157,8 +157,7 @@ class Output:
     def refuse(self, reason: str, raw: str) -> None:
         excerpt = raw if len(raw) <= EXCERPT else raw[:EXCERPT] + "..."
         note = f"{self.family}: {reason} (in {excerpt!r})"
-        self.refusals.append(note)
-        log.warning("tool call refused, returned as content: %s", note)
+        self.refusals.append(note)  # the server logs them with the model's id (``Result.malformed``)
 
     def take_events(self) -> list[Event]:
         """The events not yet handed out."""

@@ -2,24 +2,26 @@
 
 A request constrains its output in one of three ways, and the first that applies wins
 (as before this module existed): ``tool_choice`` "required" or a named function (a
-grammar for one well-formed ``<tool_call>``), then ``response_format`` json_object or
-json_schema, then llama-server's ``grammar`` extension (GBNF text).
+grammar for well-formed calls in the model's own dialect, from its call marker on), then
+``response_format`` json_object or json_schema, then llama-server's ``grammar`` extension
+(GBNF text).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from llama_cpp.llama_grammar import JSON_GBNF
 
+from dialects import GENERIC, Dialect
 from errors import InvalidRequest
-from grammar import gbnf
 from grammar.checker import GrammarChecker
-from grammar.schema import convert, prepare, schema_grammar
+from grammar.schema import schema_grammar
 
 
-def grammar_for(request: Any, model_path: Path, checker: GrammarChecker) -> str | None:
+def grammar_for(request: Any, model_path: Path, checker: GrammarChecker, dialect: Dialect = GENERIC) -> str | None:
     """The final GBNF grammar for ``request`` on the model file ``model_path``, or None for none.
 
     Raises ``InvalidRequest`` naming the parameter at fault (``grammar``, ``response_format``,
@@ -27,7 +29,7 @@ def grammar_for(request: Any, model_path: Path, checker: GrammarChecker) -> str 
     leasing one, so a refused grammar never loads a model. The verdict is cached, so a
     client sending the same schema with every request pays a dictionary lookup.
     """
-    text = _requested(request)
+    text = _requested(request, dialect)
     if text is None:
         return None
     checker.check(text, model_path, grammar_param(request))
@@ -44,10 +46,10 @@ def grammar_param(request: Any) -> str:
     return "grammar"
 
 
-def _requested(request: Any) -> str | None:
+def _requested(request: Any, dialect: Dialect) -> str | None:
     functions = _tool_functions(request)
     if functions:
-        return tool_call_grammar(functions)
+        return tool_call_grammar(functions, dialect, getattr(request, "parallel_tool_calls", None) is not False)
     fmt = getattr(request, "response_format", None)
     if fmt is not None and fmt.type != "text":
         return _format_grammar(fmt)
@@ -80,23 +82,19 @@ def _tool_functions(request: Any) -> list[tuple[int, Any]]:
     return named
 
 
-def tool_call_grammar(functions: list[tuple[int, Any]]) -> str:
-    """A grammar for ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` with one of ``functions``.
+def tool_call_grammar(functions: list[tuple[int, Any]], dialect: Dialect = GENERIC, parallel: bool = True) -> str:
+    """A grammar for well-formed calls in ``dialect``'s syntax to one of ``functions``
+    ((index in the request's ``tools``, function) pairs).
 
-    Each function's parameters become their own grammar (so an error names
-    ``tools[i].function.parameters`` and ``$ref`` resolves against its own root), whose
-    rules are then prefixed so that the grammars can share one file.
+    A schema that cannot become a grammar is refused naming ``tools[i].function.parameters``
+    with the request's own index ``i``.
     """
-    calls, rules = [], []
-    for position, (index, function) in enumerate(functions):
-        param = f"tools[{index}].function.parameters"
-        parameters = prepare(function.parameters, param)
-        call = {"type": "object", "properties": {"name": {"const": function.name},
-                                                 "arguments": {k: v for k, v in parameters.items() if k != "$defs"}},
-                "required": ["name", "arguments"]}
-        if "$defs" in parameters:
-            call["$defs"] = parameters["$defs"]
-        prefix = f"t{position}-"
-        rules.append(gbnf.rename_rules(convert(call, param), prefix))
-        calls.append(prefix + "root")
-    return f'root ::= "<tool_call>" ( {" | ".join(calls)} ) "</tool_call>"\n' + "\n".join(rules)
+    tools = [{"type": "function", "function": function.model_dump(by_alias=True)} for _, function in functions]
+    try:
+        return dialect.call_grammar(tools, parallel)
+    except InvalidRequest as exc:
+        position = re.match(r"tools\[(\d+)\]", exc.param or "")
+        if position is not None and int(position.group(1)) < len(functions):
+            index = functions[int(position.group(1))][0]
+            exc.param = f"tools[{index}]" + (exc.param or "")[position.end():]
+        raise

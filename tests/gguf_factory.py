@@ -69,15 +69,17 @@ _STEER_OUT = -2.0  # output weight on dimension 0 for tokens that must not be sa
 
 def build_vocab(
     extra_words: Sequence[str] | None = None,
+    control_tokens: Sequence[str] = (),
 ) -> tuple[list[str], list[float], list[int]]:
     """Return ``(tokens, scores, token_types)`` of the SentencePiece-style vocabulary.
 
     Layout: ``<unk>`` (0), ``<s>`` (1), ``</s>`` (2), the 256 byte tokens
     ``<0x00>``..``<0xFF>`` (3..258), ``<|im_start|>`` (259), ``<|im_end|>`` (260),
-    then normal tokens: ``▁``, every printable ASCII character with and without a
-    ``▁`` prefix, and common words (plus ``extra_words``) together with all their
-    prefixes, so SentencePiece's score-based merging can build every whole word.
-    Longer normal tokens get higher scores.
+    then ``control_tokens`` (a model family's markers, say: 261...), then normal
+    tokens: ``▁``, every printable ASCII character with and without a ``▁`` prefix,
+    and common words (plus ``extra_words``) together with all their prefixes, so
+    SentencePiece's score-based merging can build every whole word. Longer normal
+    tokens get higher scores.
     """
     tokens: list[str] = ["<unk>", "<s>", "</s>"]
     types: list[int] = [
@@ -87,8 +89,9 @@ def build_vocab(
     ]
     tokens += [f"<0x{b:02X}>" for b in range(256)]
     types += [gguf.TokenType.BYTE] * 256
-    tokens += list(_CONTROL_TOKENS)
-    types += [gguf.TokenType.CONTROL] * len(_CONTROL_TOKENS)
+    controls = [*_CONTROL_TOKENS, *(t for t in control_tokens if t not in _CONTROL_TOKENS)]
+    tokens += controls
+    types += [gguf.TokenType.CONTROL] * len(controls)
     scores: list[float] = [0.0] * len(tokens)
 
     seen = set(tokens)
@@ -111,8 +114,9 @@ def _add_vocab(
     writer: gguf.GGUFWriter,
     chat_template: str | None,
     extra_words: Sequence[str] | None,
+    control_tokens: Sequence[str] = (),
 ) -> int:
-    tokens, scores, types = build_vocab(extra_words)
+    tokens, scores, types = build_vocab(extra_words, control_tokens)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
@@ -211,8 +215,13 @@ def write_llama_model(
     dtype: str = "f32",
     seed: int = 0,
     extra_words: list[str] | None = None,
+    control_tokens: Sequence[str] = (),
 ) -> Path:
     """Write a random-weight llama-architecture GGUF model and return its path.
+
+    ``control_tokens``: more control tokens after ChatML's (a model family's markers, which a
+    real model writes as single tokens); like the others, they are steered away from
+    unless a grammar or a logit bias asks for them.
 
     Tensors are generated and written one at a time, so memory stays bounded by the
     largest tensor even for big configurations. ``dtype`` is ``"f32"`` or ``"f16"``
@@ -229,12 +238,12 @@ def write_llama_model(
         gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32
     )
     # the special, byte and ChatML tokens lead the vocabulary
-    n_banned = 3 + 256 + len(_CONTROL_TOKENS)
+    n_banned = 3 + 256 + len({*_CONTROL_TOKENS, *control_tokens})
     rng = np.random.default_rng(seed)
 
     writer = gguf.GGUFWriter(path, "llama")
     try:
-        n_vocab = _add_vocab(writer, chat_template, extra_words)
+        n_vocab = _add_vocab(writer, chat_template, extra_words, control_tokens)
         _add_hparams(
             writer,
             name=f"tiny-llama-test-{n_embd}x{n_layer}",

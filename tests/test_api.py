@@ -206,8 +206,10 @@ def test_required_tool_choice_returns_tool_call(make_server, models_dir):
     with requests.post(server.url + "/v1/chat/completions", json={**body, "stream": True}, stream=True,
                        timeout=30) as response:
         chunks = [e for e in sse_events(response) if e != "[DONE]"]
-    streamed = next(d["tool_calls"] for d in (c["choices"][0]["delta"] for c in chunks) if d.get("tool_calls"))
-    assert streamed[0]["index"] == 0 and streamed[0]["function"] == call["function"]  # greedy: the same call
+    deltas = [call for c in chunks for call in c["choices"][0]["delta"].get("tool_calls", [])]
+    assert deltas[0]["index"] == 0 and deltas[0]["id"] and deltas[0]["function"]["name"] == "get_weather"
+    arguments = "".join(d["function"]["arguments"] for d in deltas if d["index"] == 0)
+    assert arguments == call["function"]["arguments"]  # greedy: the same call, streamed as it was written
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
