@@ -16,7 +16,9 @@ from typing import Any
 from llama_cpp.llama_grammar import JSON_GBNF
 
 from dialects import GENERIC, Dialect
+from dialects.gbnf_rules import WS, literal, text_without
 from errors import InvalidRequest
+from grammar import gbnf
 from grammar.checker import GrammarChecker
 from grammar.schema import schema_grammar
 
@@ -84,17 +86,30 @@ def _tool_functions(request: Any) -> list[tuple[int, Any]]:
 
 def tool_call_grammar(functions: list[tuple[int, Any]], dialect: Dialect = GENERIC, parallel: bool = True) -> str:
     """A grammar for well-formed calls in ``dialect``'s syntax to one of ``functions``
-    ((index in the request's ``tools``, function) pairs).
+    ((index in the request's ``tools``, function) pairs), after an optional thinking block
+    where the family thinks: the answer must be a call, but a thinking model may think first.
 
     A schema that cannot become a grammar is refused naming ``tools[i].function.parameters``
     with the request's own index ``i``.
     """
     tools = [{"type": "function", "function": function.model_dump(by_alias=True)} for _, function in functions]
     try:
-        return dialect.call_grammar(tools, parallel)
+        calls = dialect.call_grammar(tools, parallel)
     except InvalidRequest as exc:
         position = re.match(r"tools\[(\d+)\]", exc.param or "")
         if position is not None and int(position.group(1)) < len(functions):
             index = functions[int(position.group(1))][0]
             exc.param = f"tools[{index}]" + (exc.param or "")[position.end():]
         raise
+    if dialect.reasoning_markers is None:
+        return calls
+    opener, closer = dialect.reasoning_markers
+    # The opener is optional: a template may have opened the block in the prompt (DeepSeek R1).
+    after = literal(_AFTER_REASONING.get(dialect.name, "")) if dialect.name in _AFTER_REASONING else WS
+    thinking = f"( {literal(opener)}? think-body {literal(closer)} {after} )?"
+    return (f"root ::= {thinking} call-root\n{text_without('think-body', closer)}\n"
+            + gbnf.rename_rules(calls, "call-"))
+
+
+# What a family writes between its thinking and a call, when not just whitespace.
+_AFTER_REASONING = {"gpt-oss": "<|start|>assistant"}

@@ -380,3 +380,26 @@ def test_schema_refs_resolve_per_pointer_not_per_name():
               "$defs": {"item": {"type": "integer"}, "more": {"$defs": {"item": {"type": "boolean"}}}}}
     text = schema_grammar(schema, "response_format")
     assert '"true"' in text and "integral-part" in text
+
+
+def test_a_forced_call_may_follow_thinking_but_must_come():
+    from gbnf_match import compiled
+
+    from dialects import DIALECTS
+    from grammar.request import tool_call_grammar
+    from schemas import FunctionDef
+
+    weather = FunctionDef.model_validate({"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}})
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    hermes = compiled(tool_call_grammar([(0, weather)], DIALECTS["hermes"]))
+    assert hermes.accepts(call)
+    assert hermes.accepts("<think>\nThe user wants weather.\n</think>\n" + call)
+    assert hermes.accepts("Opened by the template.\n</think>\n" + call)  # DeepSeek R1, QwQ
+    assert not hermes.accepts("<think>\nNo call after all.\n</think>\nSunny.")
+    assert not hermes.accepts("<think>hmm</think>")
+    harmony = compiled(tool_call_grammar([(0, weather)], DIALECTS["gpt-oss"]))
+    assert harmony.accepts("<|channel|>analysis<|message|>Need it.<|end|><|start|>assistant<|channel|>commentary"
+                           ' to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}')
+    no_thinking = compiled(tool_call_grammar([(0, weather)], DIALECTS["hermes"].without_reasoning()))
+    assert not no_thinking.accepts("<think>x</think>" + call)
