@@ -22,7 +22,8 @@ ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "
 # Variables the renderer itself passes to every template: a request may not replace them.
 RESERVED_TEMPLATE_VARIABLES = frozenset({
     "messages", "tools", "tool_choice", "functions", "function_call", "add_generation_prompt",
-    "bos_token", "eos_token", "raise_exception", "strftime_now", "reasoning_effort"})
+    "bos_token", "eos_token", "raise_exception", "strftime_now", "reasoning_effort",
+    "self"})  # the formatter's own first argument
 MAX_TEMPLATE_KWARGS = 32
 
 

@@ -474,7 +474,7 @@ def _read_events(job: Job, base: dict[str, Any], index: int) -> Iterator[bytes]:
     are written, tool calls as OpenAI's call deltas. Returns the parser's ``Result``."""
     reading = job.reading
     assert reading is not None and reading.parser_options is not None
-    parser = reading.dialect.parser(reading.parser_options)
+    parser = reading.dialect.parser(replace(reading.parser_options, streaming=True))
     stream = job.streams[index]
     for text in _deltas(job, index):
         logprobs = _logprobs(job, stream.take_logprobs())

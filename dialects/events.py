@@ -61,6 +61,9 @@ class ParserOptions:
     prompt ended inside an open thinking block (see ``Dialect.starts_in_reasoning``).
     ``parallel_tool_calls`` shapes the call grammar; the parser keeps every call a model writes.
     ``id_factory`` replaces the dialect's call-id generator (tests use it for stable ids).
+    ``streaming``: the events go out as they come, so a call refused after its ``ToolCallStart``
+    was sent is not repeated as content: the client already has it, cut where it broke (as
+    OpenAI streams a call that ``max_tokens`` cuts). A whole reading puts it in the content.
     """
 
     tools: Sequence[Mapping[str, Any]] = ()
@@ -69,6 +72,7 @@ class ParserOptions:
     starts_in_reasoning: bool = False
     parallel_tool_calls: bool = True
     id_factory: Callable[[], str] | None = None
+    streaming: bool = False
 
     @property
     def separate_reasoning(self) -> bool:

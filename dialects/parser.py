@@ -9,8 +9,9 @@ Malformed calls: a call is announced (``ToolCallStart``) only once its name is r
 and its arguments stream only while they are valid JSON so far. When the reader refuses the
 text after that (arguments that stop being JSON, a call the text ends inside), the events
 already sent stand, the call stays out of ``Result.tool_calls``, and the call's raw text, from
-its trigger to where it failed, is passed on as content; the rest of the text is read as
-content again. ``Result.malformed`` and the log name the family and what was refused.
+its trigger to where it failed, is passed on as content (unless ``ParserOptions.streaming`` and
+the call was announced: the client has it already); the rest of the text is read as content
+again. ``Result.malformed`` and the log name the family and what was refused.
 
 Holding back: text streams as it arrives, except a tail that may still grow into a marker and
 whitespace at the end of a block (whitespace beside a marker is layout, and dropped). Some
@@ -162,9 +163,13 @@ def read_guarded(dialect: Dialect, trigger: str, inp: Input, out: Output) -> Rea
         inp.recorded()
         out.content.boundary()
         return None
+    announced = out.book.open is not None
     out.book.abandon()
     raw = inp.recorded()
     out.refuse(reason, raw)
+    if announced and out.options.streaming:
+        out.content.boundary()  # the call went out as it was read (see ParserOptions.streaming)
+        return None
     out.content.undo_boundary()
     out.content.write(raw)
     return None

@@ -68,6 +68,9 @@ class Sequence:
     completion_tokens: int = 0
     first_token_at: float | None = None
     started: bool = False
+    # Log probabilities of tokens whose text is still held back (a stop string may begin), each
+    # with the character count its text ends at: they go out with their text, or not at all.
+    held_logprobs: list[tuple[p.TokenLogprob, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -79,6 +82,9 @@ class Slot:
     request: Sequence | None = None
     last_used: int = 0
     follows: Slot | None = None  # the slot whose prompt this one's request shares (see the docstring)
+    # (slot, n): this slot's first n cells are the same KV cells as that slot's (copied by
+    # ``_catch_up``), so they are counted once.
+    shares: tuple[Slot, int] | None = None
 
     def pending(self) -> int:
         assert self.request is not None
@@ -151,6 +157,17 @@ class PromptCache:
 
     def _remove(self, key: int) -> None:
         self.bytes -= len(self._entries.pop(key).data.obj)  # type: ignore[arg-type]
+
+
+def _released(request: Sequence) -> tuple[p.TokenLogprob, ...]:
+    """The held log probabilities whose tokens' text has now been emitted whole."""
+    held, emitted = request.held_logprobs, request.text.emitted
+    n = 0
+    while n < len(held) and held[n][1] <= emitted:
+        n += 1
+    released = tuple(entry for entry, _ in held[:n])
+    del held[:n]
+    return released
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -282,6 +299,7 @@ class Scheduler:
         follower.follows = None
         self.model.seq_cp(leader.seq, follower.seq, 0, len(leader.cache))
         follower.cache = list(leader.cache)
+        follower.shares = (leader, len(leader.cache))
         follower.last_used = self._clock
         self.stats["shared_prompts"] += 1
         self._sample(follower, row)
@@ -337,7 +355,8 @@ class Scheduler:
             request.first_token_at = time.monotonic()
         text, stopped = request.text.feed(self.model.piece(token, token in params.preserved_tokens))
         if params.logprobs is not None:
-            self.send(p.Delta(request.id, text, (self.model.logprobs(row, token, params.logprobs),)))
+            request.held_logprobs.append((self.model.logprobs(row, token, params.logprobs), request.text.decoded))
+            self.send(p.Delta(request.id, text, _released(request)))
         elif text:
             self.send(p.Delta(request.id, text))
         if stopped:
@@ -357,8 +376,10 @@ class Scheduler:
         request.sampler.close()
         if reason != "cancelled":
             tail = request.text.flush()
-            if tail:
-                self.send(p.Delta(request.id, tail))
+            # After a stop string the text it cut is gone, and the entries of its tokens with it.
+            logprobs = _released(request)
+            if tail or logprobs:
+                self.send(p.Delta(request.id, tail, logprobs))
         self.send(p.Done(request.id, request.completion_tokens, reason, request.first_token_at))
 
     def _refuse(self, slot: Slot, message: str, param: str) -> None:
@@ -487,7 +508,15 @@ class Scheduler:
             self._drop_kv(slot)  # this memory cannot cut mid-sequence (e.g. sliding window)
             keep = 0
         del slot.cache[keep:]
+        self._cut_shares(slot, keep)
         return keep
+
+    def _cut_shares(self, slot: Slot, keep: int) -> None:
+        """``slot`` kept only its first ``keep`` cells: what it shares is at most those."""
+        for other in self.slots:
+            if other.shares is not None and (other is slot or other.shares[0] is slot):
+                partner, n = other.shares
+                other.shares = (partner, min(n, keep)) if keep else None
 
     def _restore(self, slot: Slot, key: int, prompt: list[int]) -> int:
         entry = self.cache.pop(key)
@@ -504,7 +533,13 @@ class Scheduler:
     # ---- KV room ----
 
     def _kv_used(self) -> int:
-        return sum(len(slot.cache) for slot in self.slots)
+        """KV cells in use: every slot's tokens, a prefix shared by a copy counted once."""
+        used = sum(len(slot.cache) for slot in self.slots)
+        for slot in self.slots:
+            if slot.shares is not None:
+                partner, n = slot.shares
+                used -= min(n, len(partner.cache), len(slot.cache))
+        return used
 
     def _plan(self) -> list[tuple[Slot, int]]:
         """The batch of this step: (slot, tokens to decode), generating sequences first."""
@@ -577,3 +612,8 @@ class Scheduler:
     def _drop_kv(self, slot: Slot) -> None:
         self.model.seq_clear(slot.seq)
         slot.cache = []
+        # The cells it shared now belong to the other slot alone: count them there, once.
+        slot.shares = None
+        for other in self.slots:
+            if other.shares is not None and other.shares[0] is slot:
+                other.shares = None

@@ -47,12 +47,22 @@ class TextStream:
     def __init__(self, stops: list[str]) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stops = StopMatcher(stops)
+        self.decoded = 0  # characters decoded so far, emitted or held back
+        self.emitted = 0  # characters handed out so far
 
     def feed(self, piece: bytes) -> tuple[str, bool]:
         """Add one token's bytes; return the text now safe to emit and whether a stop string was hit."""
-        return self._stops.feed(self._decoder.decode(piece))
+        text = self._decoder.decode(piece)
+        self.decoded += len(text)
+        out, stopped = self._stops.feed(text)
+        self.emitted += len(out)
+        return out, stopped
 
     def flush(self) -> str:
         """What is held back at the end (an incomplete character becomes U+FFFD)."""
-        text, _ = self._stops.feed(self._decoder.decode(b"", final=True))
-        return text + self._stops.flush()
+        text = self._decoder.decode(b"", final=True)
+        self.decoded += len(text)
+        out, _ = self._stops.feed(text)
+        out += self._stops.flush()
+        self.emitted += len(out)
+        return out

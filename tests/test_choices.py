@@ -131,3 +131,23 @@ def test_a_seed_repeats_its_text_whatever_else_runs(stories: LiveServer):
         thread.join(30)
     busy.close()
     assert results == [alone, alone]
+
+
+def test_logprobs_end_where_a_stop_string_cuts_the_text(stories: LiveServer):
+    whole = text(stories, temperature=0, max_tokens=12)["choices"][0]["text"]
+    stop = whole[len(whole) // 2: len(whole) // 2 + 3]  # a stop string in the middle of a token, likely
+    choice = text(stories, temperature=0, max_tokens=12, logprobs=1, stop=[stop])["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    logprobs = choice["logprobs"]
+    shown = "".join(logprobs["tokens"])
+    assert choice["text"].startswith(shown) and len(choice["text"]) - len(shown) < 8  # no token past the cut
+    assert all(offset <= len(choice["text"]) for offset in logprobs["text_offset"])
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "logprobs": 1,
+            "stop": [stop], "stream": True}
+    streamed = []
+    for event in sse_events(stories.post("/v1/completions", body, stream=True)):
+        if event == "[DONE]":
+            break
+        if event["choices"][0]["logprobs"]:
+            streamed += event["choices"][0]["logprobs"]["tokens"]
+    assert streamed == logprobs["tokens"]

@@ -175,8 +175,9 @@ def test_enable_thinking_false_reaches_the_template(family_server):
     off = server.post("/v1/chat/completions", body(family, bias, chat_template_kwargs={"enable_thinking": False}))
     assert off.status_code == 200, off.text
     assert off.json()["usage"]["prompt_tokens"] > on
-    refused = server.post("/v1/chat/completions", body(family, bias, chat_template_kwargs={"messages": []}))
-    assert refused.status_code == 400 and refused.json()["error"]["param"] == "chat_template_kwargs"
+    for clash in ({"messages": []}, {"self": 1}):
+        refused = server.post("/v1/chat/completions", body(family, bias, chat_template_kwargs=clash))
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "chat_template_kwargs"
 
 
 def test_markers_are_plain_text_where_no_dialect_reads_them(family_server):
@@ -199,3 +200,7 @@ def test_a_malformed_call_comes_back_as_content_not_an_error(family_server):
     choice = reply.json()["choices"][0]
     assert choice["finish_reason"] == "stop" and "tool_calls" not in choice["message"]
     assert choice["message"]["content"] == family.output
+    # Streamed, the call went out as it was read and is not repeated as content.
+    stream, finish = streamed(server, body(family, bias))
+    assert finish == "stop" and stream["content"] == ""
+    assert [(c["name"], c["arguments"]) for c in stream["tool_calls"].values()] == [("get_weather", '{"city"')]

@@ -453,3 +453,15 @@ def test_the_prompt_cache_hands_a_restored_entrys_buffer_to_the_next_save() -> N
     assert not cache.put([5], memoryview(bytearray(101)))  # alone over the budget: not kept
     cache.recycle(memoryview(bytearray(101)))
     assert cache.take_spare() is None  # nor kept as the spare
+
+
+def test_choices_sharing_a_prompt_count_its_cells_once(make_worker: Callable[..., Worker]) -> None:
+    """Three choices of a 200-token prompt need 200 + 3 x 20 cells, which fit 512: no preemption."""
+    worker = make_worker(parallel=4, n_ctx=512)
+    prompt = worker.tokenize(STORY * 9)[:200]
+    streams = [worker.generate(prompt, greedy(20)) for _ in range(3)]
+    texts = [drain(s) for s in streams]
+    stats = worker.stats()
+    assert stats["shared_prompts"] == 2
+    assert stats["preemptions"] == 0, stats
+    assert len(set(texts)) == 1
