@@ -417,6 +417,10 @@ class Worker:
             self._kill()
 
     def _route(self, message: Any) -> None:
+        if isinstance(message, p.Bundle):
+            for item in message.messages:
+                self._route(item)
+            return
         if isinstance(message, p.Log):
             native_log.log(message.level, "[worker %s] %s", self.pid, message.text)
             return

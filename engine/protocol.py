@@ -12,7 +12,8 @@ every answer carries the same ``id``. ``Ready``, ``Log`` and ``Heartbeat`` carry
 Parent to worker: ``Load``, ``Generate``, ``Cancel``, ``Embed``, ``Tokenize``, ``GetStats``,
 ``Shutdown``, and ``Tune`` (tests only).
 Worker to parent: ``Ready``, ``Progress``, ``Log``, ``Loaded``, ``LoadFailed``, ``Started``,
-``Delta``, ``Done``, ``Error``, ``Reply``, ``Heartbeat``.
+``Delta``, ``Done``, ``Error``, ``Reply``, ``Heartbeat``, and ``Bundle`` (several of these from
+one decode step, in order).
 """
 
 from __future__ import annotations
@@ -236,3 +237,11 @@ class Reply:
 @dataclass(frozen=True)
 class Heartbeat:
     """Sent between decode steps when nothing else was sent for a while: the worker is alive and busy."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """The messages one decode step produced (a delta per sequence, say), sent as one: one
+    write and one wake-up of the parent's reader per step instead of one per sequence."""
+
+    messages: tuple[Any, ...]

@@ -26,7 +26,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -51,13 +52,30 @@ class Channel:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.last_sent = time.monotonic()
+        self._bundle: list[Any] | None = None
 
     def send(self, message: Any) -> None:
+        if self._bundle is not None:
+            self._bundle.append(message)
+            return
         try:
             self.conn.send(message)
         except OSError as exc:  # BrokenPipeError, ConnectionResetError
             raise ParentGone from exc
         self.last_sent = time.monotonic()
+
+    @contextmanager
+    def bundled(self) -> Iterator[None]:
+        """Collect what is sent inside, and send it as one ``Bundle`` (or alone) at the end."""
+        self._bundle = []
+        try:
+            yield
+        finally:
+            messages, self._bundle = self._bundle, None
+            if len(messages) == 1:
+                self.send(messages[0])
+            elif messages:
+                self.send(p.Bundle(tuple(messages)))
 
     def heartbeat(self) -> None:
         if time.monotonic() - self.last_sent >= HEARTBEAT_SECONDS:
@@ -140,7 +158,8 @@ class WorkerLoop:
             elif not busy and os.getppid() != self.parent:
                 return  # reparented: the server died without closing our pipe
             if self.running and self.scheduler is not None and self.scheduler.busy:
-                self.scheduler.step()
+                with self.channel.bundled():
+                    self.scheduler.step()
                 self.channel.heartbeat()
 
     def _drain(self) -> None:

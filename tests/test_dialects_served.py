@@ -49,6 +49,10 @@ FAMILIES = [
            '<think>\nThe user wants weather.\n</think>\n\nLet me check.<tool_call>\n'
            '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
            reasoning="The user wants weather.", content="Let me check.", calls=[PARIS]),
+    Family("qwen3-two-calls", "Qwen-Qwen3-0.6B.jinja",
+           '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+           '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>',
+           calls=[PARIS, {"city": "Oslo"}]),
     Family("qwen3-coder", "Qwen3-Coder.jinja",
            "Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
            "</function>\n</tool_call>", content="Checking.", calls=[PARIS]),
@@ -95,13 +99,13 @@ def family_server(make_server: Callable[..., LiveServer],
                   models_dir: Path) -> Callable[[Family], tuple[LiveServer, dict]]:
     """A server with ``family``'s tiny model, and the logit bias that makes it write markers as tokens."""
 
-    def start(family: Family) -> tuple[LiveServer, dict[str, float]]:
+    def start(family: Family, **server: Any) -> tuple[LiveServer, dict[str, float]]:
         template = (TEMPLATES / family.template).read_text(encoding="utf-8")
         markers = model_dialect(template, None).special_markers
         write_llama_model(models_dir / f"{family.name}.gguf", chat_template=template, control_tokens=markers, seed=4)
         tokens, _, _ = build_vocab(control_tokens=markers)
         bias = {str(tokens.index(m)): 100.0 for m in markers}
-        return make_server({"n_ctx": 4096}), bias
+        return make_server({"n_ctx": 4096}, **server), bias
 
     return start
 
@@ -204,3 +208,37 @@ def test_a_malformed_call_comes_back_as_content_not_an_error(family_server):
     stream, finish = streamed(server, body(family, bias))
     assert finish == "stop" and stream["content"] == ""
     assert [(c["name"], c["arguments"]) for c in stream["tool_calls"].values()] == [("get_weather", '{"city"')]
+
+
+def test_a_models_default_reasoning_format_applies_to_chat(family_server):
+    family = FAMILIES[0]
+    server, bias = family_server(family, models={family.name: {"default": {"reasoning_format": "none"}}})
+    message = server.post("/v1/chat/completions", body(family, bias)).json()["choices"][0]["message"]
+    assert "reasoning_content" not in message and message["content"].startswith("<think>")
+    asked = server.post("/v1/chat/completions", body(family, bias, reasoning_format="auto")).json()
+    assert asked["choices"][0]["message"]["reasoning_content"] == "The user wants weather."  # the request wins
+
+
+def test_earlier_thinking_sent_back_reaches_the_template(family_server):
+    """Qwen3 shows the thinking of the turns since the last question: sending it back lengthens the prompt."""
+    family = FAMILIES[0]
+    server, bias = family_server(family)
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": "", "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"}]
+    plain = body(family, bias, messages=history)
+    thought = body(family, bias, messages=[history[0], {**history[1], "reasoning_content": "Look it up."},
+                                           history[2]])
+    tokens = [server.post("/v1/chat/completions", b).json()["usage"]["prompt_tokens"] for b in (plain, thought)]
+    assert tokens[1] > tokens[0]
+
+
+def test_n_choices_are_each_read_in_the_dialect(family_server):
+    family = FAMILIES[0]
+    server, bias = family_server(family)
+    reply = server.post("/v1/chat/completions", body(family, bias, n=2, logprobs=True)).json()
+    for choice in reply["choices"]:
+        assert choice["message"]["reasoning_content"] == "The user wants weather."
+        assert choice["finish_reason"] == "tool_calls"
+        assert choice["logprobs"]["content"]
