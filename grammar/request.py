@@ -16,7 +16,7 @@ from typing import Any
 from llama_cpp.llama_grammar import JSON_GBNF
 
 from dialects import GENERIC, Dialect
-from dialects.gbnf_rules import WS, literal, text_without
+from dialects.gbnf_rules import text_without
 from errors import InvalidRequest
 from grammar import gbnf
 from grammar.checker import GrammarChecker
@@ -86,8 +86,13 @@ def _tool_functions(request: Any) -> list[tuple[int, Any]]:
 
 def tool_call_grammar(functions: list[tuple[int, Any]], dialect: Dialect = GENERIC, parallel: bool = True) -> str:
     """A grammar for well-formed calls in ``dialect``'s syntax to one of ``functions``
-    ((index in the request's ``tools``, function) pairs), after an optional thinking block
-    where the family thinks: the answer must be a call, but a thinking model may think first.
+    ((index in the request's ``tools``, function) pairs), after any text that does not contain
+    the family's call marker: a model may think or say something first, as its family allows,
+    but the answer cannot end before a call.
+
+    That is what a lazy grammar (llama.cpp's, free text until a trigger) gives, with the
+    guarantee ``"required"`` promises, which a lazy grammar cannot give. A family whose calls
+    are only read at the very start (Llama 3's bare JSON) gets the call alone.
 
     A schema that cannot become a grammar is refused naming ``tools[i].function.parameters``
     with the request's own index ``i``.
@@ -101,15 +106,7 @@ def tool_call_grammar(functions: list[tuple[int, Any]], dialect: Dialect = GENER
             index = functions[int(position.group(1))][0]
             exc.param = f"tools[{index}]" + (exc.param or "")[position.end():]
         raise
-    if dialect.reasoning_markers is None:
+    if len(dialect.call_triggers) != 1 or dialect.bare_start is not None:
         return calls
-    opener, closer = dialect.reasoning_markers
-    # The opener is optional: a template may have opened the block in the prompt (DeepSeek R1).
-    after = literal(_AFTER_REASONING.get(dialect.name, "")) if dialect.name in _AFTER_REASONING else WS
-    thinking = f"( {literal(opener)}? think-body {literal(closer)} {after} )?"
-    return (f"root ::= {thinking} call-root\n{text_without('think-body', closer)}\n"
+    return (f"root ::= before-call call-root\n{text_without('before-call', dialect.call_triggers[0])}\n"
             + gbnf.rename_rules(calls, "call-"))
-
-
-# What a family writes between its thinking and a call, when not just whitespace.
-_AFTER_REASONING = {"gpt-oss": "<|start|>assistant"}

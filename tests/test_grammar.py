@@ -382,7 +382,7 @@ def test_schema_refs_resolve_per_pointer_not_per_name():
     assert '"true"' in text and "integral-part" in text
 
 
-def test_a_forced_call_may_follow_thinking_but_must_come():
+def test_a_forced_call_may_follow_text_but_must_come():
     from gbnf_match import compiled
 
     from dialects import DIALECTS
@@ -395,11 +395,15 @@ def test_a_forced_call_may_follow_thinking_but_must_come():
     hermes = compiled(tool_call_grammar([(0, weather)], DIALECTS["hermes"]))
     assert hermes.accepts(call)
     assert hermes.accepts("<think>\nThe user wants weather.\n</think>\n" + call)
-    assert hermes.accepts("Opened by the template.\n</think>\n" + call)  # DeepSeek R1, QwQ
+    assert hermes.accepts("Opened by the template.\n</think>\nLet me check. " + call)  # DeepSeek R1, QwQ
     assert not hermes.accepts("<think>\nNo call after all.\n</think>\nSunny.")
     assert not hermes.accepts("<think>hmm</think>")
+    assert not hermes.accepts('<tool_call>{"name": "other", "arguments": {}}</tool_call>')
     harmony = compiled(tool_call_grammar([(0, weather)], DIALECTS["gpt-oss"]))
     assert harmony.accepts("<|channel|>analysis<|message|>Need it.<|end|><|start|>assistant<|channel|>commentary"
                            ' to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}')
-    no_thinking = compiled(tool_call_grammar([(0, weather)], DIALECTS["hermes"].without_reasoning()))
-    assert not no_thinking.accepts("<think>x</think>" + call)
+    mistral = compiled(tool_call_grammar([(0, weather)], DIALECTS["mistral"]))
+    assert mistral.accepts('I will look.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}')
+    llama3 = compiled(tool_call_grammar([(0, weather)], DIALECTS["llama3"]))  # read only at the start
+    assert llama3.accepts('{"name": "get_weather", "parameters": {"city": "Paris"}}')
+    assert not llama3.accepts('Sure. {"name": "get_weather", "parameters": {"city": "Paris"}}')
