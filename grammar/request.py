@@ -86,13 +86,13 @@ def _tool_functions(request: Any) -> list[tuple[int, Any]]:
 
 def tool_call_grammar(functions: list[tuple[int, Any]], dialect: Dialect = GENERIC, parallel: bool = True) -> str:
     """A grammar for well-formed calls in ``dialect``'s syntax to one of ``functions``
-    ((index in the request's ``tools``, function) pairs), after any text that does not contain
-    the family's call marker: a model may think or say something first, as its family allows,
-    but the answer cannot end before a call.
-
-    That is what a lazy grammar (llama.cpp's, free text until a trigger) gives, with the
-    guarantee ``"required"`` promises, which a lazy grammar cannot give. A family whose calls
-    are only read at the very start (Llama 3's bare JSON) gets the call alone.
+    ((index in the request's ``tools``, function) pairs). A family that thinks may first write
+    any text without its call marker (its thinking, a sentence), and the answer cannot end
+    before a call: a lazy grammar's freedom (llama.cpp's, free text until a trigger) with the
+    guarantee ``"required"`` promises, which a lazy grammar cannot give. Other families get
+    the call at once, as llama.cpp forces it: a weak model given free text may never get to
+    the call within ``max_tokens``. So does a family whose calls are only read as the whole
+    answer (Llama 3's bare JSON).
 
     A schema that cannot become a grammar is refused naming ``tools[i].function.parameters``
     with the request's own index ``i``.
@@ -106,7 +106,7 @@ def tool_call_grammar(functions: list[tuple[int, Any]], dialect: Dialect = GENER
             index = functions[int(position.group(1))][0]
             exc.param = f"tools[{index}]" + (exc.param or "")[position.end():]
         raise
-    if len(dialect.call_triggers) != 1 or dialect.bare_start is not None:
+    if dialect.reasoning_markers is None or len(dialect.call_triggers) != 1 or dialect.bare_start is not None:
         return calls
     return (f"root ::= before-call call-root\n{text_without('before-call', dialect.call_triggers[0])}\n"
             + gbnf.rename_rules(calls, "call-"))

@@ -402,8 +402,10 @@ def test_a_forced_call_may_follow_text_but_must_come():
     harmony = compiled(tool_call_grammar([(0, weather)], DIALECTS["gpt-oss"]))
     assert harmony.accepts("<|channel|>analysis<|message|>Need it.<|end|><|start|>assistant<|channel|>commentary"
                            ' to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}')
-    mistral = compiled(tool_call_grammar([(0, weather)], DIALECTS["mistral"]))
-    assert mistral.accepts('I will look.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}')
+    mistral = compiled(tool_call_grammar([(0, weather)], DIALECTS["mistral"]))  # Ministral thinks
+    assert mistral.accepts('[THINK]Weather.[/THINK]I will look.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}')
+    plain = compiled(tool_call_grammar([(0, weather)], DIALECTS["hermes"].without_reasoning()))
+    assert plain.accepts(call) and not plain.accepts("Let me check. " + call)  # no thinking: the call at once
     llama3 = compiled(tool_call_grammar([(0, weather)], DIALECTS["llama3"]))  # read only at the start
     assert llama3.accepts('{"name": "get_weather", "parameters": {"city": "Paris"}}')
     assert not llama3.accepts('Sure. {"name": "get_weather", "parameters": {"city": "Paris"}}')
