@@ -247,20 +247,7 @@ def _request_param(job: Job, param: str | None) -> str | None:
 
 def complete(job: Job) -> dict[str, Any]:
     """Run every generation of ``job`` to the end and build the response body."""
-    status = 500
-    try:
-        texts = ["".join(_deltas(job, index)) for index in range(len(job.streams))]
-        status = 200
-    except ServiceError as exc:
-        status = exc.status
-        raise
-    finally:
-        job.close()
-        if status != 200:
-            _log_done(job, status)
-    choices = [_choice(job, i, text, stream.result.finish_reason, _logprobs(job, stream.logprobs)) for i, (text, stream)
-               in enumerate(zip(texts, job.streams, strict=True))]
-    _log_done(job, 200)
+    choices = [_choice(job, result) for result in results(job)]
     return {"id": _response_id(job), "object": job.object_type, "created": job.created,
             "model": job.lease.model_id, "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices,
             "usage": job.usage()}
@@ -274,23 +261,19 @@ class ClientGone(ServiceError):
     code = "client_closed_request"
 
 
-def _choice(job: Job, index: int, text: str, finish_reason: str | None,
-            logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+def _choice(job: Job, result: ChoiceResult) -> dict[str, Any]:
+    logprobs = _logprobs(job, result.logprobs)
     if job.kind == "text":
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {"index": result.index, "text": result.text, "logprobs": logprobs,
+                "finish_reason": result.finish_reason}
     # OpenAI's message always carries "refusal" (null unless the model refused); clients read it.
-    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
-    reading = job.reading
-    if reading is not None and reading.parser_options is not None:
-        result = reading.dialect.parse(text, reading.parser_options)
-        _log_refused_call(job, result)
-        message["content"] = result.content if result.content is not None or result.tool_calls else ""
-        if result.reasoning is not None:
-            message["reasoning_content"] = result.reasoning
-        if result.tool_calls:
-            message["tool_calls"] = result.tool_calls
-            finish_reason = "tool_calls"
-    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+    message: dict[str, Any] = {"role": "assistant", "refusal": None,
+                               "content": result.content if result.content is not None or result.tool_calls else ""}
+    if result.reasoning is not None:
+        message["reasoning_content"] = result.reasoning
+    if result.tool_calls:
+        message["tool_calls"] = result.tool_calls
+    return {"index": result.index, "message": message, "logprobs": logprobs, "finish_reason": result.finish_reason}
 
 
 def _logprobs(job: Job, entries: list[TokenLogprob], offset: int = 0) -> dict[str, Any] | None:
@@ -565,3 +548,186 @@ def _log_done(job: Job, status: int, streamed: bool = False) -> None:
         first = next((s.result.first_token_at for s in job.streams if s.result.first_token_at), None)
         job.observer(job.lease.model_id, usage["prompt_tokens"], usage["completion_tokens"],
                      first - job.started if first is not None else None, seconds)
+
+
+# ---------------------------------------------------------- for the other APIs' adapters
+#
+# Anthropic Messages, OpenAI Responses and Ollama's API answer from the same jobs: each builds
+# a ChatCompletionRequest (or CompletionRequest), judges it, prepares a Job, and then renders
+# either ``results(job)`` (a whole answer) or ``choice_events(job, index)`` through ``drive``
+# (a stream) in its own shapes. Leases, queueing, hang-ups, metrics and the log line are the
+# same as for /v1/chat/completions.
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a choice: why it ended (``stop``, ``length``, ``tool_calls``)."""
+
+    reason: str
+
+
+ChoiceEvent = Content | Reasoning | ToolCallStart | ToolCallArgs | Finished
+
+
+@dataclass
+class ChoiceResult:
+    """One whole choice, read in the model's dialect."""
+
+    index: int
+    text: str  # as generated (markers the dialect reads included)
+    content: str | None
+    reasoning: str | None
+    tool_calls: list[dict[str, Any]]
+    finish_reason: str
+    logprobs: list[TokenLogprob]
+
+
+def results(job: Job) -> list[ChoiceResult]:
+    """Run every choice of ``job`` to its end; closes the job and logs the request."""
+    status = 500
+    try:
+        texts = ["".join(_deltas(job, index)) for index in range(len(job.streams))]
+        status = 200
+    except ServiceError as exc:
+        status = exc.status
+        raise
+    finally:
+        job.close()
+        _log_done(job, status)
+    return [_result(job, index, text) for index, text in enumerate(texts)]
+
+
+def _result(job: Job, index: int, text: str) -> ChoiceResult:
+    stream = job.streams[index]
+    finish = stream.result.finish_reason or "stop"
+    reading = job.reading
+    if reading is None or reading.parser_options is None:
+        return ChoiceResult(index, text, text, None, [], finish, stream.logprobs)
+    read = reading.dialect.parse(text, reading.parser_options)
+    _log_refused_call(job, read)
+    return ChoiceResult(index, text, read.content, read.reasoning, read.tool_calls,
+                        "tool_calls" if read.tool_calls else finish, stream.logprobs)
+
+
+def choice_events(job: Job, index: int) -> Iterator[ChoiceEvent]:
+    """Choice ``index`` as it streams: content and reasoning as written, tool calls as they are
+    read, then ``Finished``. The job must have its slot (``wait_for_slot``)."""
+    stream = job.streams[index]
+    reading = job.reading
+    if reading is None or reading.parser_options is None:
+        for text in _deltas(job, index):
+            if text:
+                yield Content(text)
+        yield Finished(stream.result.finish_reason or "stop")
+        return
+    parser = reading.dialect.parser(replace(reading.parser_options, streaming=True))
+    for text in _deltas(job, index):
+        yield from parser.feed(text)
+    yield from parser.flush()
+    read = parser.finish()
+    _log_refused_call(job, read)
+    yield Finished("tool_calls" if read.tool_calls else stream.result.finish_reason or "stop")
+
+
+def wait_for_slot(job: Job, keepalive: Callable[[], bytes]) -> Iterator[bytes]:
+    """Wait until the worker gives ``job`` a slot, yielding ``keepalive()`` at once when it
+    queues and every few seconds after (each write also finds out a client that left)."""
+    first = job.streams[0]
+    with _worker_errors(job):
+        next_beat = time.monotonic() + QUEUE_GRACE_SECONDS
+        while not first.wait_started(min(HANG_UP_POLL_SECONDS, max(0.0, next_beat - time.monotonic()))):
+            if job.disconnected():
+                job.close()
+                raise ClientGone("The client closed the connection while queued")
+            if time.monotonic() >= next_beat:
+                yield keepalive()
+                next_beat = time.monotonic() + sse.LOADING_COMMENT_INTERVAL
+
+
+class StreamRenderer:
+    """How one API writes a stream; ``drive`` calls these in order. Override what you need."""
+
+    mimetype = sse.MIMETYPE
+    headers: dict[str, str] = sse.HEADERS
+
+    def keepalive(self, job: Job | None) -> bytes:
+        """Sent while the model loads or the request queues (``job`` None: still loading)."""
+        return sse.comment("waiting")
+
+    def start(self, job: Job) -> Iterator[bytes]:
+        """Before the first choice's events."""
+        return iter(())
+
+    def event(self, job: Job, index: int, event: ChoiceEvent) -> Iterator[bytes]:
+        raise NotImplementedError
+
+    def end(self, job: Job) -> Iterator[bytes]:
+        """After every choice ended (``job.usage()`` is final)."""
+        return iter(())
+
+    def error(self, error: ServiceError) -> Iterator[bytes]:
+        """A failure once the stream has started, in the API's own shape."""
+        raise NotImplementedError
+
+
+def drive(job: Job, renderer: StreamRenderer) -> Iterator[bytes]:
+    """A job's stream written by ``renderer``; logs the request when it ends."""
+    status = 200
+    try:
+        yield from wait_for_slot(job, lambda: renderer.keepalive(job))
+        yield from renderer.start(job)
+        for index in range(len(job.streams)):
+            for event in choice_events(job, index):
+                yield from renderer.event(job, index, event)
+        yield from renderer.end(job)
+    except GeneratorExit:
+        status = 499
+        raise
+    except ServiceError as exc:
+        status = exc.status
+        yield from renderer.error(exc)
+    except Exception:
+        log.exception("generation failed model=%s", job.lease.model_id)
+        status = 500
+        yield from renderer.error(ServiceError("Generation failed; see the server log"))
+    finally:
+        _log_done(job, status, streamed=True)
+
+
+def stream_with(manager: ModelManager, kind: str, request: _Generation, verdict: Verdict,
+                disconnected: Disconnected, pool: Executor, renderer: StreamRenderer,
+                observer: Observer | None = None) -> Response:
+    """A streamed answer in ``renderer``'s shapes, loading the model first if it must, with the
+    rules of ``stream_after_load``: a failure within ``STREAM_HEADERS_DEADLINE`` is raised
+    (its own status), a later one is ``renderer.error`` in the stream."""
+    model_id = verdict.model_id
+    if manager.is_loaded(model_id):
+        job = prepare(manager, kind, request, verdict, disconnected, observer)
+        response = Response(drive(job, renderer), mimetype=renderer.mimetype, headers=renderer.headers)
+        response.call_on_close(job.close)
+        return response
+    pending = _PendingJob(lambda: prepare(manager, kind, request, verdict, disconnected, observer), pool)
+    if pending.done.wait(STREAM_HEADERS_DEADLINE):
+        if pending.error is not None:
+            raise pending.error
+        assert pending.job is not None
+        response = Response(drive(pending.job, renderer), mimetype=renderer.mimetype, headers=renderer.headers)
+        response.call_on_close(pending.job.close)
+        return response
+
+    def events() -> Iterator[bytes]:
+        yield renderer.keepalive(None)
+        while not pending.done.wait(sse.LOADING_COMMENT_INTERVAL):
+            yield renderer.keepalive(None)
+        if pending.error is not None:
+            if not isinstance(pending.error, ServiceError):
+                log.error("preparing a stream failed model=%s", model_id, exc_info=pending.error)
+            yield from renderer.error(pending.error if isinstance(pending.error, ServiceError)
+                                      else ServiceError("Load failed"))
+            return
+        assert pending.job is not None
+        yield from drive(pending.job, renderer)
+
+    response = Response(events(), mimetype=renderer.mimetype, headers=renderer.headers)
+    response.call_on_close(pending.release)
+    return response
