@@ -51,11 +51,15 @@ def caller_is_admin(settings: ServerSettings) -> bool:
     return presented is not None and _matches(presented, admin_keys)
 
 
+# Outside /v1, the endpoints that read a model as /v1 does (llama.cpp's server names them).
+USER_PATHS = frozenset({"/tokenize", "/detokenize", "/apply-template"})
+
+
 def _required(path: str, settings: ServerSettings, user_keys: list[bytes],
               admin_keys: list[bytes]) -> list[bytes] | None:
     if path.startswith("/admin") or path == "/metrics":
         return admin_keys or None
-    if path.startswith("/v1"):
+    if path.startswith("/v1") or path in USER_PATHS:
         return (user_keys + admin_keys) if user_keys else None
     if path == "/health" and settings.health_requires_key:
         return user_keys + admin_keys

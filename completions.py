@@ -141,11 +141,7 @@ def prepare(manager: ModelManager, kind: str, request: _Generation, verdict: Ver
         reading = None
         prompt_param = "messages" if kind == "chat" else "prompt"
         if isinstance(request, ChatCompletionRequest):
-            template = lease.cache.get("chat_template")
-            if template is None:
-                template = lease.cache["chat_template"] = ChatTemplate(
-                    info, lease.settings.chat_template,
-                    lambda text: worker.tokenize(text, add_special=False, parse_special=True))
+            template = chat_template(lease)
             reading = template.render(request)
             params.stop = params.stop + reading.stops
             params.preserved_tokens = template.preserved_tokens
@@ -170,6 +166,17 @@ def prepare(manager: ModelManager, kind: str, request: _Generation, verdict: Ver
     except BaseException:
         lease.release()
         raise
+
+
+def chat_template(lease: Lease) -> ChatTemplate:
+    """The leased model's chat template, compiled once per load."""
+    template = lease.cache.get("chat_template")
+    if template is None:
+        worker = lease.worker
+        template = lease.cache["chat_template"] = ChatTemplate(
+            worker.info, lease.settings.chat_template,
+            lambda text: worker.tokenize(text, add_special=False, parse_special=True))
+    return template
 
 
 def _choice_params(params: SamplingParams, choice: int) -> SamplingParams:

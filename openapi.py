@@ -12,6 +12,7 @@ from flask import Flask, jsonify
 from pydantic import BaseModel
 
 from schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelRequest
+from tokens_api import ApplyTemplateRequest, DetokenizeRequest, TokenizeRequest
 
 ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -37,6 +38,9 @@ _OPERATIONS: list[tuple[str, str, type[BaseModel] | None, str, bool]] = [
     ("/v1/completions", "post", CompletionRequest, "Text completion", True),
     ("/v1/embeddings", "post", EmbeddingRequest, "Embeddings", False),
     ("/v1/models", "get", None, "List models", False),
+    ("/tokenize", "post", TokenizeRequest, "Tokenize text (llama.cpp's endpoint)", False),
+    ("/detokenize", "post", DetokenizeRequest, "Token ids back to text (llama.cpp's endpoint)", False),
+    ("/apply-template", "post", ApplyTemplateRequest, "The prompt a chat request makes (llama.cpp's endpoint)", False),
     ("/health", "get", None, "Health and per-model state", False),
     ("/admin/models", "get", None, "Model detail", False),
     ("/admin/load", "post", ModelRequest, "Load a model", False),

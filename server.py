@@ -27,6 +27,7 @@ import admin
 import api
 import status_page
 import tasks
+import tokens_api
 from auth import install_auth
 from config import CONFIG_ENV, ConfigError, Settings, load_settings
 from errors import register_error_handlers
@@ -79,6 +80,7 @@ def create_app(settings: Settings, *, config_path: Path | None = None,
     app.register_blueprint(api.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(status_page.bp)
+    app.register_blueprint(tokens_api.bp)
     _install_request_log(app)
     if not manager.models():
         log.warning("no models found in %s: put .gguf files there (sub-folders are scanned too), "

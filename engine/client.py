@@ -310,6 +310,14 @@ class Worker:
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         return self._call(lambda i: p.Tokenize(i, text, add_special, parse_special), "tokenizing")
 
+    def detokenize(self, tokens: list[int]) -> str:
+        """The text of ``tokens`` (control tokens as their text); ``RequestFailed`` for ids outside the vocabulary."""
+        return self._call(lambda i: p.Detokenize(i, list(tokens)), "detokenizing")
+
+    def token_pieces(self, tokens: list[int]) -> list[bytes]:
+        """The bytes of each of ``tokens`` (a piece may be part of a UTF-8 character)."""
+        return self._call(lambda i: p.Detokenize(i, list(tokens), per_token=True), "detokenizing")
+
     def tune(self, step_delay: float = 0.0, fail_after_steps: int | None = None) -> None:
         """Test seam: see ``protocol.Tune``."""
         self._send_quietly(p.Tune(step_delay, fail_after_steps))

@@ -9,7 +9,7 @@ dicts, numpy arrays) so that neither end ever unpickles a live object.
 Every message from the parent that expects an answer carries an ``id`` chosen by the parent;
 every answer carries the same ``id``. ``Ready``, ``Log`` and ``Heartbeat`` carry none.
 
-Parent to worker: ``Load``, ``Generate``, ``Cancel``, ``Embed``, ``Tokenize``, ``GetStats``,
+Parent to worker: ``Load``, ``Generate``, ``Cancel``, ``Embed``, ``Tokenize``, ``Detokenize``, ``GetStats``,
 ``Shutdown``, and ``Tune`` (tests only).
 Worker to parent: ``Ready``, ``Progress``, ``Log``, ``Loaded``, ``LoadFailed``, ``Started``,
 ``Delta``, ``Done``, ``Error``, ``Reply``, ``Heartbeat``, and ``Bundle`` (several of these from
@@ -118,6 +118,16 @@ class Tokenize:
     text: str
     add_special: bool
     parse_special: bool
+
+
+@dataclass(frozen=True)
+class Detokenize:
+    """Token ids back to text: the bytes of each token (``per_token``) or the whole text.
+    Control tokens are written as their text, as llama.cpp's server does."""
+
+    id: int
+    tokens: list[int]
+    per_token: bool = False
 
 
 @dataclass(frozen=True)

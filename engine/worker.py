@@ -95,7 +95,8 @@ class WorkerLoop:
         self.running = True
         self.handlers: dict[type, Callable[[Any], None]] = {
             p.Generate: self._generate, p.Cancel: self._cancel, p.Embed: self._embed,
-            p.Tokenize: self._tokenize, p.GetStats: self._stats, p.Shutdown: self._shutdown,
+            p.Tokenize: self._tokenize, p.Detokenize: self._detokenize, p.GetStats: self._stats,
+            p.Shutdown: self._shutdown,
             p.Tune: self._tune,
         }
 
@@ -249,6 +250,19 @@ class WorkerLoop:
         assert self.model is not None
         tokens = self.model.tokenize(message.text, message.add_special, message.parse_special)
         self.channel.send(p.Reply(message.id, tokens))
+
+    def _detokenize(self, message: p.Detokenize) -> None:
+        model = self.model
+        assert model is not None
+        bad = next((t for t in message.tokens if not model.valid_token(t)), None)
+        if bad is not None:
+            self.channel.send(p.Error(message.id, "invalid_request",
+                                      f"token id {bad} is outside this model's vocabulary (0..{model.n_vocab - 1})",
+                                      param="tokens"))
+            return
+        pieces = [model.piece(t, special=True) for t in message.tokens]
+        value: Any = pieces if message.per_token else b"".join(pieces).decode("utf-8", errors="replace")
+        self.channel.send(p.Reply(message.id, value))
 
     def _stats(self, message: p.GetStats) -> None:
         stats = self.scheduler.snapshot() if self.scheduler is not None else {}
