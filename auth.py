@@ -52,7 +52,7 @@ def caller_is_admin(settings: ServerSettings) -> bool:
 
 
 # Outside /v1, the endpoints that read a model as /v1 does (llama.cpp's server names them).
-USER_PATHS = frozenset({"/tokenize", "/detokenize", "/apply-template"})
+USER_PATHS = frozenset({"/tokenize", "/detokenize", "/apply-template", "/rerank"})
 
 
 def _required(path: str, settings: ServerSettings, user_keys: list[bytes],

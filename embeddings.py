@@ -24,6 +24,9 @@ def create_embeddings(manager: ModelManager, request: EmbeddingRequest) -> dict[
     _judge(manager, request)
     with manager.acquire(request.model, Mode.EMBED, keep_alive=request.keep_alive) as lease:
         worker = lease.worker
+        if worker.info.n_cls_out:
+            raise InvalidRequest(f"{lease.model_id} is a reranker: its output is a score, not an embedding; "
+                                 "use /v1/rerank", param="model")
         try:
             inputs = [_tokens(worker, item) for item in request.inputs()]
             limit = worker.info.n_batch

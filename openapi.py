@@ -11,6 +11,7 @@ from typing import Any
 from flask import Flask, jsonify
 from pydantic import BaseModel
 
+from rerank import RerankRequest
 from schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelRequest
 from tokens_api import ApplyTemplateRequest, DetokenizeRequest, TokenizeRequest
 
@@ -38,6 +39,7 @@ _OPERATIONS: list[tuple[str, str, type[BaseModel] | None, str, bool]] = [
     ("/v1/completions", "post", CompletionRequest, "Text completion", True),
     ("/v1/embeddings", "post", EmbeddingRequest, "Embeddings", False),
     ("/v1/models", "get", None, "List models", False),
+    ("/v1/rerank", "post", RerankRequest, "Rerank documents against a query (a reranker model)", False),
     ("/tokenize", "post", TokenizeRequest, "Tokenize text (llama.cpp's endpoint)", False),
     ("/detokenize", "post", DetokenizeRequest, "Token ids back to text (llama.cpp's endpoint)", False),
     ("/apply-template", "post", ApplyTemplateRequest, "The prompt a chat request makes (llama.cpp's endpoint)", False),

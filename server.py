@@ -25,6 +25,7 @@ from flask_cors import CORS
 
 import admin
 import api
+import rerank
 import status_page
 import tasks
 import tokens_api
@@ -81,6 +82,7 @@ def create_app(settings: Settings, *, config_path: Path | None = None,
     app.register_blueprint(admin.bp)
     app.register_blueprint(status_page.bp)
     app.register_blueprint(tokens_api.bp)
+    app.register_blueprint(rerank.bp)
     _install_request_log(app)
     if not manager.models():
         log.warning("no models found in %s: put .gguf files there (sub-folders are scanned too), "

@@ -196,7 +196,15 @@ class LoadedModel:
             embedding=self.options.embedding, pooling_type=self.llama.pooling_type(),
             bos_token=bos, eos_token=eos, bos_text=self._token_text(bos), eos_text=self._token_text(eos),
             add_bos=bool(model.add_bos_token()), chat_template=metadata.get("tokenizer.chat_template"),
-            metadata=metadata)
+            metadata=metadata, add_eos=bool(llama_cpp.llama_vocab_get_add_eos(self._vocab)),
+            add_sep=bool(llama_cpp.llama_vocab_get_add_sep(self._vocab)),
+            sep_token=int(llama_cpp.llama_vocab_sep(self._vocab)),
+            n_cls_out=(int(llama_cpp.llama_model_n_cls_out(model.model)) if self.is_reranker else 0))
+
+    @property
+    def is_reranker(self) -> bool:
+        """A cross-encoder: its pooled output is a relevance score per input."""
+        return self.options.embedding and self.llama.pooling_type() == llama_cpp.LLAMA_POOLING_TYPE_RANK
 
     def _token_text(self, token: int) -> str:
         if token < 0:
@@ -330,6 +338,8 @@ class LoadedModel:
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
         n_embd = self.llama._model.n_embd()
+        if self.is_reranker:  # a score (or a few) per input, not a vector
+            n_embd = int(llama_cpp.llama_model_n_cls_out(self.llama._model.model))
         if self.llama.pooling_type() == llama_cpp.LLAMA_POOLING_TYPE_NONE:
             def row(i: int) -> np.ndarray:
                 return np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_ith(self._ctx, i), shape=(n_embd,))

@@ -83,6 +83,10 @@ class ModelInfo:
     add_bos: bool
     chat_template: str | None
     metadata: dict[str, str]
+    add_eos: bool = False
+    add_sep: bool = False  # a pair is <bos> a <eos> <sep> b <eos> (RoBERTa-style rerankers)
+    sep_token: int = -1
+    n_cls_out: int = 0  # a reranker's scores per input (pooling type rank), else 0
 
 
 # ---- parent to worker ----

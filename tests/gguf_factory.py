@@ -323,3 +323,82 @@ def write_not_gguf(path: str | os.PathLike[str]) -> Path:
     text = "This is not a GGUF model file, just some plain text.\n"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def write_bert_reranker(path: str | os.PathLike[str], *, n_embd: int = 32, n_layer: int = 2, n_head: int = 2,
+                        n_ff: int = 64, n_ctx_train: int = 512, seed: int = 0) -> Path:
+    """Write a random-weight BERT cross-encoder (pooling type rank, one score per pair) and
+    return its path: a reranker of the shape of bge-reranker, in miniature.
+
+    The WordPiece vocabulary holds [PAD] [UNK] [CLS] [SEP] [MASK], then every lowercase letter,
+    digit and punctuation mark as a word start (``▁x``, as llama.cpp's converter writes them)
+    and as a continuation (``x``), and a few whole words, so any lowercase ASCII text tokenizes.
+    """
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    words = ("the", "cat", "dog", "sat", "on", "mat", "paris", "capital", "france", "is", "what", "weather")
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens += [_SPIECE_SPACE + c for c in chars] + list(chars) + [_SPIECE_SPACE + w for w in words]
+    types = [gguf.TokenType.CONTROL] * 5 + [gguf.TokenType.NORMAL] * (len(tokens) - 5)
+    writer = gguf.GGUFWriter(path, "bert")
+    try:
+        writer.add_name("tiny-bert-reranker-test")
+        writer.add_context_length(n_ctx_train)
+        writer.add_embedding_length(n_embd)
+        writer.add_block_count(n_layer)
+        writer.add_feed_forward_length(n_ff)
+        writer.add_head_count(n_head)
+        writer.add_layer_norm_eps(1e-12)
+        writer.add_causal_attention(False)
+        writer.add_pooling_type(gguf.PoolingType.RANK)
+        writer.add_token_type_count(2)
+        writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+        writer.add_tokenizer_model("bert")
+        writer.add_token_list(tokens)
+        writer.add_token_types([int(t) for t in types])
+        writer.add_pad_token_id(0)
+        writer.add_unk_token_id(1)
+        writer.add_bos_token_id(2)  # [CLS]
+        writer.add_cls_token_id(2) if hasattr(writer, "add_cls_token_id") else None
+        writer.add_sep_token_id(3)
+        writer.add_eos_token_id(3)
+        writer.add_mask_token_id(4)
+        writer.add_add_bos_token(True)
+        writer.add_add_eos_token(True)
+
+        def tensor(name: str, *shape: int, kind: str = "weight") -> None:
+            if kind == "ones":
+                data = np.ones(shape, dtype=np.float32)
+            elif kind == "zeros":
+                data = np.zeros(shape, dtype=np.float32)
+            else:
+                data = (rng.standard_normal(shape, dtype=np.float32) * 0.2).astype(np.float32)
+            writer.add_tensor(name, data)
+
+        n_vocab = len(tokens)
+        tensor("token_embd.weight", n_vocab, n_embd)
+        tensor("token_types.weight", 2, n_embd)
+        tensor("position_embd.weight", n_ctx_train, n_embd)
+        tensor("token_embd_norm.weight", n_embd, kind="ones")
+        tensor("token_embd_norm.bias", n_embd, kind="zeros")
+        for i in range(n_layer):
+            for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+                tensor(f"blk.{i}.{name}.weight", n_embd, n_embd)
+                tensor(f"blk.{i}.{name}.bias", n_embd, kind="zeros")
+            tensor(f"blk.{i}.attn_output_norm.weight", n_embd, kind="ones")
+            tensor(f"blk.{i}.attn_output_norm.bias", n_embd, kind="zeros")
+            tensor(f"blk.{i}.ffn_up.weight", n_ff, n_embd)
+            tensor(f"blk.{i}.ffn_up.bias", n_ff, kind="zeros")
+            tensor(f"blk.{i}.ffn_down.weight", n_embd, n_ff)
+            tensor(f"blk.{i}.ffn_down.bias", n_embd, kind="zeros")
+            tensor(f"blk.{i}.layer_output_norm.weight", n_embd, kind="ones")
+            tensor(f"blk.{i}.layer_output_norm.bias", n_embd, kind="zeros")
+        tensor("cls.output.weight", 1, n_embd)
+        tensor("cls.output.bias", 1, kind="zeros")
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return path
