@@ -5,13 +5,15 @@ from __future__ import annotations
 import base64
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
 from engine.client import RequestFailed, WorkerCrashed
 from errors import ContextLengthExceeded, InferenceFailed, InvalidRequest
-from model_manager import Mode, ModelManager
+from model_manager import Lease, Mode, ModelManager
 from request_checks import check_token_ids
 from schemas import EmbeddingRequest
 
@@ -27,7 +29,7 @@ def create_embeddings(manager: ModelManager, request: EmbeddingRequest) -> dict[
         if worker.info.n_cls_out:
             raise InvalidRequest(f"{lease.model_id} is a reranker: its output is a score, not an embedding; "
                                  "use /v1/rerank", param="model")
-        try:
+        with worker_failures(lease, "Embedding", "input"):
             inputs = [_tokens(worker, item) for item in request.inputs()]
             limit = worker.info.n_batch
             for index, tokens in enumerate(inputs):
@@ -35,12 +37,6 @@ def create_embeddings(manager: ModelManager, request: EmbeddingRequest) -> dict[
                     raise ContextLengthExceeded(f"input[{index}] has {len(tokens)} tokens; this model embeds at "
                                                 f"most {limit}", param="input")
             raw = worker.embed(inputs)
-        except RequestFailed as exc:
-            if exc.kind != "invalid_request":
-                raise InferenceFailed(f"Embedding failed in {lease.model_id}: {exc.message}") from None
-            raise InvalidRequest(exc.message, param="input", code=exc.code) from None
-        except WorkerCrashed as exc:
-            raise lease.crashed(exc) from None
         pooled = [_normalised(vector) for vector in raw]
         model_id = lease.model_id
     if request.dimensions is not None and request.dimensions != len(pooled[0]):
@@ -52,6 +48,20 @@ def create_embeddings(manager: ModelManager, request: EmbeddingRequest) -> dict[
              time.monotonic() - started)
     return {"object": "list", "data": data, "model": model_id,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+@contextmanager
+def worker_failures(lease: Lease, what: str, param: str) -> Iterator[None]:
+    """What a model's worker reports, as the API's errors: the request's fault a 400 naming
+    ``param``, anything else a 500, a crash the model's ``model_crashed``."""
+    try:
+        yield
+    except RequestFailed as exc:
+        if exc.kind != "invalid_request":
+            raise InferenceFailed(f"{what} failed in {lease.model_id}: {exc.message}") from None
+        raise InvalidRequest(exc.message, param=param, code=exc.code) from None
+    except WorkerCrashed as exc:
+        raise lease.crashed(exc) from None
 
 
 def _judge(manager: ModelManager, request: EmbeddingRequest) -> None:

@@ -18,8 +18,8 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 from pydantic import Field
 
-from engine.client import RequestFailed, WorkerCrashed
-from errors import ContextLengthExceeded, InferenceFailed, InvalidRequest
+from embeddings import worker_failures
+from errors import ContextLengthExceeded, InvalidRequest
 from model_manager import Mode
 from schemas import KeepAlive, _Body, parse_body
 from state import app_state
@@ -51,7 +51,7 @@ def rerank() -> Response:
         if not info.n_cls_out:
             raise InvalidRequest(f"{lease.model_id} is not a reranker (a GGUF with pooling type rank)",
                                  param="model")
-        try:
+        with worker_failures(lease, "Reranking", "documents"):
             query = worker.tokenize(body.query, add_special=False, parse_special=False)
             pairs = [_pair(info, query, worker.tokenize(doc, add_special=False, parse_special=False))
                      for doc in body.documents]
@@ -60,12 +60,6 @@ def rerank() -> Response:
                     raise ContextLengthExceeded(f"the query with documents[{index}] has {len(tokens)} tokens; "
                                                 f"this model reads at most {info.n_batch}", param="documents")
             scores = [float(vector[0]) for vector in worker.embed(pairs)]
-        except RequestFailed as exc:
-            if exc.kind != "invalid_request":
-                raise InferenceFailed(f"Reranking failed in {lease.model_id}: {exc.message}") from None
-            raise InvalidRequest(exc.message, param="documents", code=exc.code) from None
-        except WorkerCrashed as exc:
-            raise lease.crashed(exc) from None
         model_id = lease.model_id
     order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)[: body.top_n]
     results: list[dict[str, Any]] = []

@@ -22,7 +22,7 @@ from typing import Any
 
 from dialects.dialect import Dialect
 from dialects.gbnf_rules import WS, arguments_rules, choice, functions, grammar, literal, repeated
-from dialects.jsonscan import json_value
+from dialects.jsoncalls import object_arguments
 from dialects.output import Output
 from dialects.stream import Input, Reader, Refused, choose, peek, read_until, skip_ws
 
@@ -64,11 +64,7 @@ def _call(inp: Input, out: Output) -> Reader:
     out.book.begin(name)
     yield from skip_ws(inp)
     fenced = (yield from choose(inp, (FENCE_OPEN,))) is not None
-    yield from skip_ws(inp)
-    if (yield from peek(inp)) != "{":
-        raise Refused("the arguments are not a JSON object")
-    yield from json_value(inp, out.book.args)
-    out.book.close()
+    yield from object_arguments(inp, out)
     yield from skip_ws(inp)
     if fenced:
         yield from choose(inp, (FENCE_CLOSE,))

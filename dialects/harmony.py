@@ -22,9 +22,9 @@ from typing import Any
 
 from dialects.dialect import Dialect
 from dialects.gbnf_rules import arguments_rules, choice, functions, grammar, literal
-from dialects.jsonscan import json_value
+from dialects.jsoncalls import object_arguments
 from dialects.output import Output
-from dialects.stream import Input, Reader, Refused, choose, peek, read_until, skip_ws, text_until
+from dialects.stream import Input, Reader, Refused, choose, read_until, skip_ws, text_until
 
 START, CHANNEL, MESSAGE, CONSTRAIN = "<|start|>", "<|channel|>", "<|message|>", "<|constrain|>"
 END, CALL, RETURN = "<|end|>", "<|call|>", "<|return|>"
@@ -116,11 +116,7 @@ def _call(recipient: str, inp: Input, out: Output) -> Reader:
     if not name or not out.book.known(name):
         raise Refused(f"a call to {recipient!r}, not to a known function")
     out.book.begin(name)
-    yield from skip_ws(inp)
-    if (yield from peek(inp)) != "{":
-        raise Refused("the arguments are not a JSON object")
-    yield from json_value(inp, out.book.args)
-    out.book.close()
+    yield from object_arguments(inp, out)
     yield from skip_ws(inp)
     yield from choose(inp, (CALL, END, RETURN))
 

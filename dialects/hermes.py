@@ -7,6 +7,7 @@ server read before dialects existed, plus ``<think>`` blocks.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from dialects.dialect import Dialect
@@ -47,12 +48,4 @@ HERMES = Dialect(
     grammar=call_grammar,
 )
 
-GENERIC = Dialect(
-    name="generic",
-    reasoning_markers=THINK,
-    call_triggers=(OPEN,),
-    special_markers=(*THINK, OPEN, CLOSE),
-    call_markers=(OPEN,),
-    read_call=read_call,
-    grammar=call_grammar,
-)
+GENERIC = replace(HERMES, name="generic")  # the same reading, under the name of a fallback

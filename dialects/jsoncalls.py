@@ -63,6 +63,16 @@ def call_object(inp: Input, out: Output, *, bare: bool = False, expect_id: bool 
     call.finish()
 
 
+def object_arguments(inp: Input, out: Output) -> Reader:
+    """The open call's arguments, written as one JSON object (streamed into the call book), and
+    the call closed: DeepSeek's, Mistral's and gpt-oss's calls end this way."""
+    yield from skip_ws(inp)
+    if (yield from peek(inp)) != "{":
+        raise Refused("the arguments are not a JSON object")
+    yield from json_value(inp, out.book.args)
+    out.book.close()
+
+
 def call_list(inp: Input, out: Output, *, expect_id: bool = False, opened: bool = False) -> Reader:
     """Read ``[call, call, ...]``; each call that closes is kept even if a later one is refused.
 

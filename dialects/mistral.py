@@ -17,8 +17,7 @@ from typing import Any
 
 from dialects.dialect import Dialect
 from dialects.gbnf_rules import WS, arguments_rules, call_object_rules, choice, functions, grammar, literal, repeated
-from dialects.jsoncalls import call_list
-from dialects.jsonscan import json_value
+from dialects.jsoncalls import call_list, object_arguments
 from dialects.output import Output
 from dialects.stream import Input, Reader, Refused, peek, read_until, skip_ws
 
@@ -41,11 +40,7 @@ def read_call(trigger: str, inp: Input, out: Output) -> Reader:
     if marker == CALL_ID:
         call_id = (yield from read_until(inp, (ARGS,)))[0].strip() or None
     out.book.begin(name, call_id)
-    yield from skip_ws(inp)
-    if (yield from peek(inp)) != "{":
-        raise Refused("the arguments are not a JSON object")
-    yield from json_value(inp, out.book.args)
-    out.book.close()
+    yield from object_arguments(inp, out)
 
 
 def named_grammar(tools: Sequence[Mapping[str, Any]], parallel: bool) -> str:
