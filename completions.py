@@ -141,11 +141,7 @@ def prepare(manager: ModelManager, kind: str, request: _Generation, verdict: Ver
         reading = None
         prompt_param = "messages" if kind == "chat" else "prompt"
         if isinstance(request, ChatCompletionRequest):
-            template = lease.cache.get("chat_template")
-            if template is None:
-                template = lease.cache["chat_template"] = ChatTemplate(
-                    info, lease.settings.chat_template,
-                    lambda text: worker.tokenize(text, add_special=False, parse_special=True))
+            template = _chat_template(lease)
             reading = template.render(request)
             params.stop = params.stop + reading.stops
             params.preserved_tokens = template.preserved_tokens
@@ -170,6 +166,30 @@ def prepare(manager: ModelManager, kind: str, request: _Generation, verdict: Ver
     except BaseException:
         lease.release()
         raise
+
+
+def _chat_template(lease: Lease) -> ChatTemplate:
+    """The leased model's compiled chat template (compiled on first use, kept until it unloads)."""
+    template = lease.cache.get("chat_template")
+    if template is None:
+        worker = lease.worker
+        template = lease.cache["chat_template"] = ChatTemplate(
+            worker.info, lease.settings.chat_template,
+            lambda text: worker.tokenize(text, add_special=False, parse_special=True))
+    return template
+
+
+def count_prompt_tokens(manager: ModelManager, model_id: str, request: ChatCompletionRequest) -> int:
+    """The tokens of ``request``'s prompt: its messages and tools rendered with the model's
+    template and tokenized in its worker, exactly as ``prepare`` would (loading the model if
+    it must; the lease is held only while counting)."""
+    lease = manager.acquire(model_id, keep_alive=request.keep_alive)
+    try:
+        return len(_tokenize(lease.worker, _chat_template(lease).render(request).text, "messages"))
+    except WorkerCrashed as exc:
+        raise lease.crashed(exc) from None
+    finally:
+        lease.release()
 
 
 def _choice_params(params: SamplingParams, choice: int) -> SamplingParams:
