@@ -169,7 +169,7 @@ def prepare(manager: ModelManager, kind: str, request: _Generation, verdict: Ver
 
 
 def chat_template(lease: Lease) -> ChatTemplate:
-    """The leased model's chat template, compiled once per load."""
+    """The leased model's compiled chat template (compiled on first use, kept until it unloads)."""
     template = lease.cache.get("chat_template")
     if template is None:
         worker = lease.worker
@@ -177,6 +177,19 @@ def chat_template(lease: Lease) -> ChatTemplate:
             worker.info, lease.settings.chat_template,
             lambda text: worker.tokenize(text, add_special=False, parse_special=True))
     return template
+
+
+def count_prompt_tokens(manager: ModelManager, model_id: str, request: ChatCompletionRequest) -> int:
+    """The tokens of ``request``'s prompt: its messages and tools rendered with the model's
+    template and tokenized in its worker, exactly as ``prepare`` would (loading the model if
+    it must; the lease is held only while counting)."""
+    lease = manager.acquire(model_id, keep_alive=request.keep_alive)
+    try:
+        return len(_tokenize(lease.worker, chat_template(lease).render(request).text, "messages"))
+    except WorkerCrashed as exc:
+        raise lease.crashed(exc) from None
+    finally:
+        lease.release()
 
 
 def _choice_params(params: SamplingParams, choice: int) -> SamplingParams:

@@ -4,14 +4,19 @@ Every error a client can see is a ``ServiceError`` subclass carrying its HTTP st
 OpenAI error ``type`` and ``code``. ``register_error_handlers`` turns those, Werkzeug's
 HTTP exceptions and anything unexpected into OpenAI's ``{"error": {...}}`` body, so no
 view ever builds an error response by hand and no traceback ever reaches a client.
+
+Another API under its own paths (Anthropic's ``/v1/messages``) registers its own error
+body with ``register_error_shape``: every error on those paths, from a view, the auth hook
+or routing (404, 405), is then written in that shape, with the same status.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -144,8 +149,33 @@ _HTTP_CODES = {
 }
 
 
+class HTTPError(ServiceError):
+    """One of Werkzeug's HTTP errors (404, 405, 413, ...), keeping its status."""
+
+    def __init__(self, exc: HTTPException) -> None:
+        status = exc.code or 500
+        message = exc.description or exc.name
+        if status == 405:
+            message = f"Method not allowed on this endpoint; allowed: {', '.join(exc.valid_methods or [])}"
+        elif status == 413:
+            message = "Request body is larger than the server's limit (server.max_request_body)"
+        allow = {key: value for key, value in exc.get_headers() if key.lower() == "allow"}
+        self.type, code = _HTTP_CODES.get(status, ("invalid_request_error", "http_error"))
+        super().__init__(message, code=code, headers=allow)
+        self.status = status
+
+
+ErrorShape = Callable[[ServiceError], dict[str, Any]]
+_SHAPES = "error_shapes"  # app.extensions key: [(path prefix, shape)]
+
+
+def register_error_shape(app: Flask, prefix: str, shape: ErrorShape) -> None:
+    """Write errors on ``prefix`` (the path itself and everything under it) as ``shape(error)``."""
+    app.extensions.setdefault(_SHAPES, []).append((prefix.rstrip("/"), shape))
+
+
 def register_error_handlers(app: Flask) -> None:
-    """Install the handlers that turn every exception into an OpenAI error response."""
+    """Install the handlers that turn every exception into an error response."""
 
     @app.errorhandler(ServiceError)
     def _service_error(exc: ServiceError) -> Response:
@@ -153,19 +183,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
-        status = exc.code or 500
-        type_, code = _HTTP_CODES.get(status, ("invalid_request_error", "http_error"))
-        message = exc.description or exc.name
-        if status == 405:
-            message = f"Method not allowed on this endpoint; allowed: {', '.join(exc.valid_methods or [])}"
-        elif status == 413:
-            message = "Request body is larger than the server's limit (server.max_request_body)"
-        response = jsonify(error_body(message, type_, None, code))
-        response.status_code = status
-        for key, value in exc.get_headers():
-            if key.lower() == "allow":
-                response.headers[key] = value
-        return response
+        return error_response(HTTPError(exc))
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
@@ -174,8 +192,15 @@ def register_error_handlers(app: Flask) -> None:
 
 
 def error_response(exc: ServiceError) -> Response:
-    """The JSON response for a service error."""
-    response = jsonify(exc.body())
+    """The JSON response for a service error, in the shape of the API the request went to."""
+    response = jsonify(_shape(request.path)(exc))
     response.status_code = exc.status
     response.headers.update(exc.headers)
     return response
+
+
+def _shape(path: str) -> ErrorShape:
+    for prefix, shape in current_app.extensions.get(_SHAPES, ()):
+        if path == prefix or path.startswith(prefix + "/"):
+            return shape
+    return ServiceError.body

@@ -1,7 +1,8 @@
 """``GET /openapi.json``: the API described from the same pydantic schemas that validate it.
 
-Request bodies come from ``schemas.py``; nothing about them is written twice. Response
-bodies are described loosely (objects), except errors, whose shape every endpoint shares.
+Request bodies come from ``schemas.py`` (``anthropic_schemas.py`` for Anthropic's Messages API);
+nothing about them is written twice. Response bodies are described loosely (objects), except
+errors, whose shape every endpoint of one API shares.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Any
 from flask import Flask, jsonify
 from pydantic import BaseModel
 
+from anthropic_schemas import ERROR_SCHEMA as ANTHROPIC_ERROR_SCHEMA
+from anthropic_schemas import CountTokensRequest, MessagesRequest
 from rerank import RerankRequest
 from schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelRequest
 from tokens_api import ApplyTemplateRequest, DetokenizeRequest, TokenizeRequest
@@ -36,6 +39,8 @@ _ERRORS = {
 # (path, method, request schema, summary, streams)
 _OPERATIONS: list[tuple[str, str, type[BaseModel] | None, str, bool]] = [
     ("/v1/chat/completions", "post", ChatCompletionRequest, "Chat completion", True),
+    ("/v1/messages", "post", MessagesRequest, "Anthropic Messages: create a message", True),
+    ("/v1/messages/count_tokens", "post", CountTokensRequest, "Anthropic Messages: count prompt tokens", False),
     ("/v1/completions", "post", CompletionRequest, "Text completion", True),
     ("/v1/embeddings", "post", EmbeddingRequest, "Embeddings", False),
     ("/v1/models", "get", None, "List models", False),
@@ -53,10 +58,11 @@ _OPERATIONS: list[tuple[str, str, type[BaseModel] | None, str, bool]] = [
 
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of this server."""
-    components: dict[str, Any] = {"Error": ERROR_SCHEMA}
+    components: dict[str, Any] = {"Error": ERROR_SCHEMA, "AnthropicError": ANTHROPIC_ERROR_SCHEMA}
     paths: dict[str, Any] = {}
     for path, method, body, summary, streams in _OPERATIONS:
-        operation: dict[str, Any] = {"summary": summary, "responses": _responses(streams)}
+        error = "AnthropicError" if path.startswith("/v1/messages") else "Error"
+        operation: dict[str, Any] = {"summary": summary, "responses": _responses(streams, error)}
         if body is not None:
             operation["requestBody"] = {"required": True, "content": {
                 "application/json": {"schema": _component(body, components)}}}
@@ -78,14 +84,14 @@ def _component(model: type[BaseModel], components: dict[str, Any]) -> dict[str, 
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
-def _responses(streams: bool) -> dict[str, Any]:
+def _responses(streams: bool, error: str) -> dict[str, Any]:
     ok: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
     if streams:
         ok["text/event-stream"] = {"schema": {"type": "string"}}
     responses: dict[str, Any] = {"200": {"description": "OK", "content": ok}}
     for status, description in _ERRORS.items():
         responses[status] = {"description": description,
-                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+                             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{error}"}}}}
     return responses
 
 

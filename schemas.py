@@ -263,6 +263,12 @@ def parse_body(raw: bytes, schema: type[Body]) -> Body:
         # every UTF-8 consumer downstream would choke on them.
         raise InvalidRequest(f"Invalid '{bad}': the string holds a lone UTF-16 surrogate, which is not text",
                              param=bad or None)
+    return validate_body(data, schema)
+
+
+def validate_body(data: dict[str, Any], schema: type[Body]) -> Body:
+    """Validate parsed JSON (or a body another API's adapter built) into ``schema``, or raise
+    ``InvalidRequest`` naming the field."""
     try:
         return schema.model_validate(data)
     except ValidationError as exc:

@@ -24,6 +24,7 @@ from flask import Flask, Response, g, request
 from flask_cors import CORS
 
 import admin
+import anthropic_api
 import api
 import rerank
 import status_page
@@ -79,6 +80,7 @@ def create_app(settings: Settings, *, config_path: Path | None = None,
     state.metrics.install(app)
     install_openapi(app)
     app.register_blueprint(api.bp)
+    app.register_blueprint(anthropic_api.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(status_page.bp)
     app.register_blueprint(tokens_api.bp)

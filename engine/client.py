@@ -105,6 +105,7 @@ class StreamResult:
     cached_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
+    stop: str | None = None  # the stop string that ended it, if one did
     first_token_at: float | None = None  # time.monotonic() (system-wide on Linux) of the first token
 
 
@@ -171,6 +172,7 @@ class Stream:
         if isinstance(message, p.Done):
             self.result.completion_tokens = message.completion_tokens
             self.result.finish_reason = message.finish_reason
+            self.result.stop = message.stop
             self.result.first_token_at = message.first_token_at
         elif isinstance(message, p.Error):
             raise RequestFailed(message.kind, message.message, message.param, message.code)

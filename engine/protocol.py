@@ -227,6 +227,7 @@ class Done:
     completion_tokens: int
     finish_reason: FinishReason
     first_token_at: float | None  # time.monotonic() in the worker: CLOCK_MONOTONIC, the same clock on Linux
+    stop: str | None = None  # the stop string that ended it (Anthropic's stop_sequence), if one did
 
 
 @dataclass(frozen=True)

@@ -380,7 +380,7 @@ class Scheduler:
             logprobs = _released(request)
             if tail or logprobs:
                 self.send(p.Delta(request.id, tail, logprobs))
-        self.send(p.Done(request.id, request.completion_tokens, reason, request.first_token_at))
+        self.send(p.Done(request.id, request.completion_tokens, reason, request.first_token_at, request.text.stop))
 
     def _refuse(self, slot: Slot, message: str, param: str) -> None:
         request = slot.request

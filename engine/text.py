@@ -11,15 +11,17 @@ class StopMatcher:
     def __init__(self, stops: list[str]) -> None:
         self.stops = [s for s in stops if s]
         self.pending = ""
+        self.matched: str | None = None  # the stop string that was hit (the first one in the text)
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Add ``text``; return what is safe to emit and whether a stop string was hit."""
         if not self.stops:
             return text, False
         self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((self.pending.find(s), s) for s in self.stops) if i >= 0]
         if hits:
-            out, self.pending = self.pending[: min(hits)], ""
+            at, self.matched = min(hits, key=lambda hit: hit[0])
+            out, self.pending = self.pending[:at], ""
             return out, True
         keep = self._partial_suffix()
         out = self.pending[: len(self.pending) - keep]
@@ -57,6 +59,11 @@ class TextStream:
         out, stopped = self._stops.feed(text)
         self.emitted += len(out)
         return out, stopped
+
+    @property
+    def stop(self) -> str | None:
+        """The stop string that ended the text, if one did."""
+        return self._stops.matched
 
     def flush(self) -> str:
         """What is held back at the end (an incomplete character becomes U+FFFD)."""

@@ -27,6 +27,21 @@ def open_stream(server: LiveServer, model: str = "tiny", max_tokens: int = 200) 
     return response
 
 
+def anthropic_events(response: requests.Response) -> list[tuple[str, Any]]:
+    """An Anthropic event stream as (event name, JSON data) pairs; every event has both lines."""
+    events, name = [], None
+    for line in response.iter_lines():
+        if line.startswith(b"event: "):
+            name = line[len(b"event: "):].decode()
+        elif line.startswith(b"data: "):
+            assert name is not None, line
+            events.append((name, json.loads(line[len(b"data: "):])))
+            name = None
+        else:
+            assert not line, line
+    return events
+
+
 def raw_request(server: LiveServer, path: str, body: dict) -> socket.socket:
     """Send a POST over a bare socket and return it unread, so the test can hang up at will."""
     host, port = server.url.removeprefix("http://").split(":")

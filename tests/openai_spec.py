@@ -59,8 +59,9 @@ def validate(body: Any, schema: str) -> None:
 
 
 def response_schema(path: str, status: int, request: Any) -> str | None:
-    """The schema a JSON reply to ``request`` (its parsed body) on ``path`` must match; None off ``/v1``."""
-    if not path.startswith("/v1/"):
+    """The schema a JSON reply to ``request`` (its parsed body) on ``path`` must match; None off OpenAI's
+    paths (off ``/v1``, and Anthropic's ``/v1/messages``, checked by its own tests)."""
+    if not path.startswith("/v1/") or path.startswith("/v1/messages"):
         return None
     if status >= 400:
         return "ErrorResponse"

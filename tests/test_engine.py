@@ -288,9 +288,10 @@ def test_a_bad_grammar_is_an_invalid_request_and_the_worker_keeps_serving(
 
 def test_stop_strings_are_held_back_and_cut(make_worker: Callable[..., Worker]) -> None:
     worker = make_worker()
-    stream = worker.generate(worker.tokenize("Once upon a time"), greedy(40, stop=["Lily"]))
-    assert drain(stream) == ", there was a little girl named "
+    stream = worker.generate(worker.tokenize("Once upon a time"), greedy(40, stop=["Zebra", "Lily", "girl named"]))
+    assert drain(stream) == ", there was a little "
     assert stream.result.finish_reason == "stop"
+    assert stream.result.stop == "girl named"  # the one that came first in the text, whatever the list's order
 
 
 def test_a_warm_spare_waits_for_its_load(make_worker: Callable[..., Worker], stories_path: Path) -> None:

@@ -1,9 +1,10 @@
 """Hostile input: arbitrary JSON at every endpoint, hostile grammars and JSON schemas, and
 Schemathesis against /openapi.json.
 
-Whatever arrives, the answer is never a 500 and never a traceback; every error has the
-OpenAI shape. The server runs real models with a tiny context and a token cap, so even
-the valid requests the fuzzers stumble on finish in milliseconds.
+Whatever arrives, the answer is never a 500 and never a traceback; every error has its API's
+shape (OpenAI's, or Anthropic's on ``/v1/messages``). The server runs real models with a tiny
+context and a token cap, so even the valid requests the fuzzers stumble on finish in
+milliseconds.
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ from typing import Any
 import pytest
 import requests
 from conftest import LiveServer, check_response, sse_events
-from helpers import TOOLS_TEMPLATE, grammar_texts, json_schemas
+from helpers import TOOLS_TEMPLATE, anthropic_events, grammar_texts, json_schemas
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from grammar.checker import GrammarChecker
 
-ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/admin/load", "/admin/unload"]
+ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages", "/v1/messages/count_tokens",
+             "/admin/load", "/admin/unload"]
 KEYS = ["model", "messages", "prompt", "input", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed",
         "stream", "stream_options", "logit_bias", "response_format", "tools", "tool_choice", "n", "grammar",
-        "keep_alive", "ignore_eos", "encoding_format", "timeout", "role", "content"]
+        "keep_alive", "ignore_eos", "encoding_format", "timeout", "role", "content",
+        "system", "stop_sequences", "thinking", "output_config", "type", "text", "input_schema", "name"]
 
 NAMES = ["tiny", "tiny.gguf", "../tiny", "\x00", "all", "user", "10m"]
 GRAMMAR_SECONDS = 2.0  # the fuzz server's compile limit
@@ -62,16 +65,24 @@ def fuzz_server(tmp_path_factory) -> LiveServer:
 
 
 def assert_well_formed(response: requests.Response) -> None:
-    """No 5xx but 503, no traceback, and every body and chunk in OpenAI's shape for its endpoint."""
+    """No 5xx but 503, no traceback, and every body and chunk in its API's shape for its endpoint."""
     assert response.status_code < 500 or response.status_code == 503, response.text[:500]
     assert "Traceback" not in response.text
+    anthropic = response.request.path_url.startswith("/v1/messages")
     if response.status_code >= 400:
-        error = response.json()["error"]
-        assert set(error) == {"message", "type", "param", "code"}, error
+        body = response.json()
+        error = body["error"]
+        if anthropic:
+            assert body["type"] == "error" and set(error) == {"type", "message"}, body
+        else:
+            assert set(error) == {"message", "type", "param", "code"}, error
         assert isinstance(error["message"], str)
     check_response(response)
     if response.headers.get("Content-Type", "").startswith("text/event-stream"):
-        assert list(sse_events(response))[-1] == "[DONE]"
+        if anthropic:
+            assert anthropic_events(response)[-1][0] in ("message_stop", "error")
+        else:
+            assert list(sse_events(response))[-1] == "[DONE]"
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
