@@ -3,15 +3,19 @@
 Every error a client can see is a ``ServiceError`` subclass carrying its HTTP status,
 OpenAI error ``type`` and ``code``. ``register_error_handlers`` turns those, Werkzeug's
 HTTP exceptions and anything unexpected into OpenAI's ``{"error": {...}}`` body, so no
-view ever builds an error response by hand and no traceback ever reaches a client.
+view ever builds an error response by hand and no traceback ever reaches a client. An API
+with its own error shape (Ollama's, under ``/api/``) registers it for its path prefix
+(``add_error_shape``); everything under that prefix, auth and routing failures included,
+then answers in that shape with the same status.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, current_app, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -72,6 +76,12 @@ class NotAModel(ServiceError):
     status = 422
     type = "invalid_request_error"
     code = "model_file_invalid"
+
+
+class NotSupported(InvalidRequest):
+    """An endpoint of another API that this server deliberately does not offer."""
+
+    code = "not_supported"
 
 
 class ModelBusy(ServiceError):
@@ -160,12 +170,10 @@ def register_error_handlers(app: Flask) -> None:
             message = f"Method not allowed on this endpoint; allowed: {', '.join(exc.valid_methods or [])}"
         elif status == 413:
             message = "Request body is larger than the server's limit (server.max_request_body)"
-        response = jsonify(error_body(message, type_, None, code))
-        response.status_code = status
-        for key, value in exc.get_headers():
-            if key.lower() == "allow":
-                response.headers[key] = value
-        return response
+        error = ServiceError(message, code=code,
+                             headers={k: v for k, v in exc.get_headers() if k.lower() == "allow"})
+        error.status, error.type = status, type_
+        return error_response(error)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
@@ -173,9 +181,23 @@ def register_error_handlers(app: Flask) -> None:
         return error_response(ServiceError("Internal server error; see the server log"))
 
 
+ErrorShape = Callable[[ServiceError], dict[str, Any]]
+SHAPES = "error_shapes"
+
+
+def add_error_shape(app: Flask, prefix: str, shape: ErrorShape) -> None:
+    """Answer every error of a request whose path starts with ``prefix`` with ``shape(error)``."""
+    app.extensions.setdefault(SHAPES, {})[prefix] = shape
+
+
 def error_response(exc: ServiceError) -> Response:
-    """The JSON response for a service error."""
-    response = jsonify(exc.body())
+    """The JSON response for a service error, in the shape of the API the request went to."""
+    shape: ErrorShape = ServiceError.body
+    if has_request_context():
+        for prefix, candidate in current_app.extensions.get(SHAPES, {}).items():
+            if request.path.startswith(prefix):
+                shape = candidate
+    response = jsonify(shape(exc))
     response.status_code = exc.status
     response.headers.update(exc.headers)
     return response

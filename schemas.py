@@ -263,6 +263,12 @@ def parse_body(raw: bytes, schema: type[Body]) -> Body:
         # every UTF-8 consumer downstream would choke on them.
         raise InvalidRequest(f"Invalid '{bad}': the string holds a lone UTF-16 surrogate, which is not text",
                              param=bad or None)
+    return validate(data, schema)
+
+
+def validate(data: dict[str, Any], schema: type[Body]) -> Body:
+    """Validate parsed JSON into ``schema`` or raise ``InvalidRequest`` naming the field (for
+    adapters that build our requests from another API's body)."""
     try:
         return schema.model_validate(data)
     except ValidationError as exc:

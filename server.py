@@ -25,6 +25,7 @@ from flask_cors import CORS
 
 import admin
 import api
+import ollama_api
 import status_page
 import tasks
 from auth import install_auth
@@ -77,6 +78,7 @@ def create_app(settings: Settings, *, config_path: Path | None = None,
     state.metrics.install(app)
     install_openapi(app)
     app.register_blueprint(api.bp)
+    app.register_blueprint(ollama_api.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(status_page.bp)
     _install_request_log(app)
@@ -108,7 +110,7 @@ def _install_request_log(app: Flask) -> None:
         level = logging.DEBUG if request.path in QUIET_PATHS else logging.INFO
         seconds = time.monotonic() - g.get("started", time.monotonic())
         log.log(level, "request method=%s path=%s status=%d seconds=%.3f stream=%s", request.method,
-                request.path, response.status_code, seconds, response.mimetype == "text/event-stream")
+                request.path, response.status_code, seconds, response.is_streamed)
         return response
 
 
