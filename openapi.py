@@ -1,7 +1,8 @@
 """``GET /openapi.json``: the API described from the same pydantic schemas that validate it.
 
 Request bodies come from ``schemas.py``; nothing about them is written twice. Response
-bodies are described loosely (objects), except errors, whose shape every endpoint shares.
+bodies are described loosely (objects), except errors, whose shape every endpoint of one API
+shares (OpenAI's, or Ollama's under ``/api/``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Any
 from flask import Flask, jsonify
 from pydantic import BaseModel
 
+from ollama_api import NDJSON
+from ollama_schemas import ChatRequest, EmbeddingsRequest, EmbedRequest, GenerateRequest, ShowRequest
 from schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelRequest
 
 ERROR_SCHEMA: dict[str, Any] = {
@@ -23,6 +26,8 @@ ERROR_SCHEMA: dict[str, Any] = {
                        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}},
     }},
 }
+OLLAMA_ERROR_SCHEMA: dict[str, Any] = {"type": "object", "required": ["error"],
+                                      "properties": {"error": {"type": "string"}}}
 _ERRORS = {
     "400": "Invalid request", "401": "Missing or invalid API key", "403": "Key not allowed here",
     "404": "Unknown model", "405": "Method not allowed", "409": "Model busy", "413": "Body too large",
@@ -31,26 +36,36 @@ _ERRORS = {
     "503": "No capacity or shutting down",
 }
 
-# (path, method, request schema, summary, streams)
-_OPERATIONS: list[tuple[str, str, type[BaseModel] | None, str, bool]] = [
-    ("/v1/chat/completions", "post", ChatCompletionRequest, "Chat completion", True),
-    ("/v1/completions", "post", CompletionRequest, "Text completion", True),
-    ("/v1/embeddings", "post", EmbeddingRequest, "Embeddings", False),
-    ("/v1/models", "get", None, "List models", False),
-    ("/health", "get", None, "Health and per-model state", False),
-    ("/admin/models", "get", None, "Model detail", False),
-    ("/admin/load", "post", ModelRequest, "Load a model", False),
-    ("/admin/unload", "post", ModelRequest, "Unload a model or all", False),
-    ("/admin/reload", "post", None, "Re-read config and rescan models", False),
+SSE = "text/event-stream"
+# (path, method, request schema, summary, the media type of its stream or None)
+_OPERATIONS: list[tuple[str, str, type[BaseModel] | None, str, str | None]] = [
+    ("/v1/chat/completions", "post", ChatCompletionRequest, "Chat completion", SSE),
+    ("/v1/completions", "post", CompletionRequest, "Text completion", SSE),
+    ("/v1/embeddings", "post", EmbeddingRequest, "Embeddings", None),
+    ("/v1/models", "get", None, "List models", None),
+    ("/health", "get", None, "Health and per-model state", None),
+    ("/admin/models", "get", None, "Model detail", None),
+    ("/admin/load", "post", ModelRequest, "Load a model", None),
+    ("/admin/unload", "post", ModelRequest, "Unload a model or all", None),
+    ("/admin/reload", "post", None, "Re-read config and rescan models", None),
+    ("/api/chat", "post", ChatRequest, "Ollama chat", NDJSON),
+    ("/api/generate", "post", GenerateRequest, "Ollama generate", NDJSON),
+    ("/api/embed", "post", EmbedRequest, "Ollama embeddings", None),
+    ("/api/embeddings", "post", EmbeddingsRequest, "Ollama embedding (older endpoint)", None),
+    ("/api/show", "post", ShowRequest, "Ollama model information", None),
+    ("/api/tags", "get", None, "Ollama model list", None),
+    ("/api/ps", "get", None, "Ollama loaded models", None),
+    ("/api/version", "get", None, "Ollama API version", None),
 ]
 
 
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of this server."""
-    components: dict[str, Any] = {"Error": ERROR_SCHEMA}
+    components: dict[str, Any] = {"Error": ERROR_SCHEMA, "OllamaError": OLLAMA_ERROR_SCHEMA}
     paths: dict[str, Any] = {}
     for path, method, body, summary, streams in _OPERATIONS:
-        operation: dict[str, Any] = {"summary": summary, "responses": _responses(streams)}
+        error = "OllamaError" if path.startswith("/api/") else "Error"
+        operation: dict[str, Any] = {"summary": summary, "responses": _responses(streams, error)}
         if body is not None:
             operation["requestBody"] = {"required": True, "content": {
                 "application/json": {"schema": _component(body, components)}}}
@@ -72,14 +87,14 @@ def _component(model: type[BaseModel], components: dict[str, Any]) -> dict[str, 
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
-def _responses(streams: bool) -> dict[str, Any]:
+def _responses(streams: str | None, error: str) -> dict[str, Any]:
     ok: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
-    if streams:
-        ok["text/event-stream"] = {"schema": {"type": "string"}}
+    if streams is not None:
+        ok[streams] = {"schema": {"type": "string"}}
     responses: dict[str, Any] = {"200": {"description": "OK", "content": ok}}
     for status, description in _ERRORS.items():
         responses[status] = {"description": description,
-                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+                             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{error}"}}}}
     return responses
 
 

@@ -2,7 +2,7 @@
 Schemathesis against /openapi.json.
 
 Whatever arrives, the answer is never a 500 and never a traceback; every error has the
-OpenAI shape. The server runs real models with a tiny context and a token cap, so even
+OpenAI shape (Ollama's under /api/). The server runs real models with a tiny context and a token cap, so even
 the valid requests the fuzzers stumble on finish in milliseconds.
 """
 
@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -24,10 +25,12 @@ from hypothesis import strategies as st
 
 from grammar.checker import GrammarChecker
 
-ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/admin/load", "/admin/unload"]
+ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/admin/load", "/admin/unload",
+             "/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show"]
 KEYS = ["model", "messages", "prompt", "input", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed",
         "stream", "stream_options", "logit_bias", "response_format", "tools", "tool_choice", "n", "grammar",
-        "keep_alive", "ignore_eos", "encoding_format", "timeout", "role", "content"]
+        "keep_alive", "ignore_eos", "encoding_format", "timeout", "role", "content",
+        "options", "format", "think", "raw", "system", "num_predict", "tool_calls", "images"]
 
 NAMES = ["tiny", "tiny.gguf", "../tiny", "\x00", "all", "user", "10m"]
 GRAMMAR_SECONDS = 2.0  # the fuzz server's compile limit
@@ -62,9 +65,13 @@ def fuzz_server(tmp_path_factory) -> LiveServer:
 
 
 def assert_well_formed(response: requests.Response) -> None:
-    """No 5xx but 503, no traceback, and every body and chunk in OpenAI's shape for its endpoint."""
+    """No 5xx but 503, no traceback, and every body and chunk in OpenAI's shape for its endpoint
+    (Ollama's under /api/: ``{"error": message}``, and a stream of JSON lines ending ``done`` or in an error)."""
     assert response.status_code < 500 or response.status_code == 503, response.text[:500]
     assert "Traceback" not in response.text
+    if urlsplit(response.url).path.startswith("/api/"):
+        assert_ollama_well_formed(response)
+        return
     if response.status_code >= 400:
         error = response.json()["error"]
         assert set(error) == {"message", "type", "param", "code"}, error
@@ -72,6 +79,17 @@ def assert_well_formed(response: requests.Response) -> None:
     check_response(response)
     if response.headers.get("Content-Type", "").startswith("text/event-stream"):
         assert list(sse_events(response))[-1] == "[DONE]"
+
+
+def assert_ollama_well_formed(response: requests.Response) -> None:
+    if response.status_code >= 400:
+        error = response.json()
+        assert list(error) == ["error"] and isinstance(error["error"], str), error
+    elif response.headers.get("Content-Type", "").startswith("application/x-ndjson"):
+        lines = [json.loads(line) for line in response.text.splitlines()]
+        assert lines and (lines[-1].get("done") is True or set(lines[-1]) == {"error"}), lines[-3:]
+    else:
+        assert isinstance(response.json(), dict)
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
