@@ -254,3 +254,12 @@ def test_stream_waiting_for_a_slow_load_sends_chunks_the_client_reads(live: Live
     parts = list(client.generate(model="stories", prompt="Once upon a time", options=GREEDY, stream=True))
     assert parts[0].response == "" and not parts[0].done
     assert parts[-1].done and parts[-1].eval_count == 12 and parts[-1].load_duration > 5e9
+
+
+def test_a_failure_mid_stream_arrives_as_an_error_line(live: LiveServer, client: ollama.Client):
+    client.generate(model="stories", prompt="")  # loaded: the failure comes after the headers
+    live.loader.fail_eval_after = 3
+    with pytest.raises(ollama.ResponseError) as failed:
+        list(client.generate(model="stories", prompt="Once upon a time", options={"num_predict": 50}, stream=True))
+    assert "failed" in failed.value.error.lower()
+    live.wait_for(lambda: live.model_view("stories")["in_flight"] == 0)
