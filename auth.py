@@ -1,6 +1,7 @@
-"""API keys: ``api_keys`` guard ``/v1``, ``admin_api_keys`` guard ``/admin`` and ``/metrics``.
+"""API keys: ``api_keys`` guard ``/v1`` and Ollama's ``/api``, ``admin_api_keys`` guard ``/admin``
+and ``/metrics``.
 
-An admin key also works on ``/v1``. Without admin keys, ``/admin`` falls back to the
+An admin key also works on ``/v1`` and ``/api``. Without admin keys, ``/admin`` falls back to the
 ``/v1`` keys, so setting only ``api_keys`` never leaves the admin endpoints open.
 Keys arrive as ``Authorization: Bearer <key>`` or ``x-api-key: <key>`` and are compared
 in constant time against every configured key, so timing says nothing about which keys
@@ -59,7 +60,7 @@ def _required(path: str, settings: ServerSettings, user_keys: list[bytes],
               admin_keys: list[bytes]) -> list[bytes] | None:
     if path.startswith("/admin") or path == "/metrics":
         return admin_keys or None
-    if path.startswith("/v1") or path in USER_PATHS:
+    if path.startswith(("/v1", "/api/")) or path in USER_PATHS:
         return (user_keys + admin_keys) if user_keys else None
     if path == "/health" and settings.health_requires_key:
         return user_keys + admin_keys

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from flask import Flask, Response, current_app, jsonify, request
+from flask import Flask, Response, current_app, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,12 @@ class NotAModel(ServiceError):
     status = 422
     type = "invalid_request_error"
     code = "model_file_invalid"
+
+
+class NotSupported(InvalidRequest):
+    """An endpoint of another API that this server deliberately does not offer."""
+
+    code = "not_supported"
 
 
 class ModelBusy(ServiceError):
@@ -193,7 +199,8 @@ def register_error_handlers(app: Flask) -> None:
 
 def error_response(exc: ServiceError) -> Response:
     """The JSON response for a service error, in the shape of the API the request went to."""
-    response = jsonify(_shape(request.path)(exc))
+    shape = _shape(request.path) if has_request_context() else ServiceError.body
+    response = jsonify(shape(exc))
     response.status_code = exc.status
     response.headers.update(exc.headers)
     return response

@@ -1,8 +1,9 @@
 """``GET /openapi.json``: the API described from the same pydantic schemas that validate it.
 
-Request bodies come from ``schemas.py`` (``anthropic_schemas.py`` for Anthropic's Messages API);
-nothing about them is written twice. Response bodies are described loosely (objects), except
-errors, whose shape every endpoint of one API shares.
+Request bodies come from ``schemas.py`` (``anthropic_schemas.py`` for Anthropic's Messages API,
+``ollama_schemas.py`` for Ollama's); nothing about them is written twice. Response bodies are
+described loosely (objects), except errors, whose shape every endpoint of one API shares
+(OpenAI's, Anthropic's under ``/v1/messages``, or Ollama's under ``/api/``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pydantic import BaseModel
 
 from anthropic_schemas import ERROR_SCHEMA as ANTHROPIC_ERROR_SCHEMA
 from anthropic_schemas import CountTokensRequest, MessagesRequest
+from ollama_api import NDJSON
+from ollama_schemas import ChatRequest, EmbeddingsRequest, EmbedRequest, GenerateRequest, ShowRequest
 from rerank import RerankRequest
 from schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelRequest
 from tokens_api import ApplyTemplateRequest, DetokenizeRequest, TokenizeRequest
@@ -28,6 +31,8 @@ ERROR_SCHEMA: dict[str, Any] = {
                        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}},
     }},
 }
+OLLAMA_ERROR_SCHEMA: dict[str, Any] = {"type": "object", "required": ["error"],
+                                      "properties": {"error": {"type": "string"}}}
 _ERRORS = {
     "400": "Invalid request", "401": "Missing or invalid API key", "403": "Key not allowed here",
     "404": "Unknown model", "405": "Method not allowed", "409": "Model busy", "413": "Body too large",
@@ -36,32 +41,43 @@ _ERRORS = {
     "503": "No capacity or shutting down",
 }
 
-# (path, method, request schema, summary, streams)
-_OPERATIONS: list[tuple[str, str, type[BaseModel] | None, str, bool]] = [
-    ("/v1/chat/completions", "post", ChatCompletionRequest, "Chat completion", True),
-    ("/v1/messages", "post", MessagesRequest, "Anthropic Messages: create a message", True),
-    ("/v1/messages/count_tokens", "post", CountTokensRequest, "Anthropic Messages: count prompt tokens", False),
-    ("/v1/completions", "post", CompletionRequest, "Text completion", True),
-    ("/v1/embeddings", "post", EmbeddingRequest, "Embeddings", False),
-    ("/v1/models", "get", None, "List models", False),
-    ("/v1/rerank", "post", RerankRequest, "Rerank documents against a query (a reranker model)", False),
-    ("/tokenize", "post", TokenizeRequest, "Tokenize text (llama.cpp's endpoint)", False),
-    ("/detokenize", "post", DetokenizeRequest, "Token ids back to text (llama.cpp's endpoint)", False),
-    ("/apply-template", "post", ApplyTemplateRequest, "The prompt a chat request makes (llama.cpp's endpoint)", False),
-    ("/health", "get", None, "Health and per-model state", False),
-    ("/admin/models", "get", None, "Model detail", False),
-    ("/admin/load", "post", ModelRequest, "Load a model", False),
-    ("/admin/unload", "post", ModelRequest, "Unload a model or all", False),
-    ("/admin/reload", "post", None, "Re-read config and rescan models", False),
+SSE = "text/event-stream"
+# (path, method, request schema, summary, the media type of its stream or None)
+_OPERATIONS: list[tuple[str, str, type[BaseModel] | None, str, str | None]] = [
+    ("/v1/chat/completions", "post", ChatCompletionRequest, "Chat completion", SSE),
+    ("/v1/messages", "post", MessagesRequest, "Anthropic Messages: create a message", SSE),
+    ("/v1/messages/count_tokens", "post", CountTokensRequest, "Anthropic Messages: count prompt tokens", None),
+    ("/v1/completions", "post", CompletionRequest, "Text completion", SSE),
+    ("/v1/embeddings", "post", EmbeddingRequest, "Embeddings", None),
+    ("/v1/models", "get", None, "List models", None),
+    ("/v1/rerank", "post", RerankRequest, "Rerank documents against a query (a reranker model)", None),
+    ("/tokenize", "post", TokenizeRequest, "Tokenize text (llama.cpp's endpoint)", None),
+    ("/detokenize", "post", DetokenizeRequest, "Token ids back to text (llama.cpp's endpoint)", None),
+    ("/apply-template", "post", ApplyTemplateRequest, "The prompt a chat request makes (llama.cpp's endpoint)", None),
+    ("/health", "get", None, "Health and per-model state", None),
+    ("/admin/models", "get", None, "Model detail", None),
+    ("/admin/load", "post", ModelRequest, "Load a model", None),
+    ("/admin/unload", "post", ModelRequest, "Unload a model or all", None),
+    ("/admin/reload", "post", None, "Re-read config and rescan models", None),
+    ("/api/chat", "post", ChatRequest, "Ollama chat", NDJSON),
+    ("/api/generate", "post", GenerateRequest, "Ollama generate", NDJSON),
+    ("/api/embed", "post", EmbedRequest, "Ollama embeddings", None),
+    ("/api/embeddings", "post", EmbeddingsRequest, "Ollama embedding (older endpoint)", None),
+    ("/api/show", "post", ShowRequest, "Ollama model information", None),
+    ("/api/tags", "get", None, "Ollama model list", None),
+    ("/api/ps", "get", None, "Ollama loaded models", None),
+    ("/api/version", "get", None, "Ollama API version", None),
 ]
 
 
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of this server."""
-    components: dict[str, Any] = {"Error": ERROR_SCHEMA, "AnthropicError": ANTHROPIC_ERROR_SCHEMA}
+    components: dict[str, Any] = {"Error": ERROR_SCHEMA, "AnthropicError": ANTHROPIC_ERROR_SCHEMA,
+                                  "OllamaError": OLLAMA_ERROR_SCHEMA}
     paths: dict[str, Any] = {}
     for path, method, body, summary, streams in _OPERATIONS:
-        error = "AnthropicError" if path.startswith("/v1/messages") else "Error"
+        error = "AnthropicError" if path.startswith("/v1/messages") else "OllamaError" if path.startswith(
+            "/api/") else "Error"
         operation: dict[str, Any] = {"summary": summary, "responses": _responses(streams, error)}
         if body is not None:
             operation["requestBody"] = {"required": True, "content": {
@@ -84,10 +100,10 @@ def _component(model: type[BaseModel], components: dict[str, Any]) -> dict[str, 
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
-def _responses(streams: bool, error: str) -> dict[str, Any]:
+def _responses(streams: str | None, error: str) -> dict[str, Any]:
     ok: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
-    if streams:
-        ok["text/event-stream"] = {"schema": {"type": "string"}}
+    if streams is not None:
+        ok[streams] = {"schema": {"type": "string"}}
     responses: dict[str, Any] = {"200": {"description": "OK", "content": ok}}
     for status, description in _ERRORS.items():
         responses[status] = {"description": description,

@@ -26,6 +26,7 @@ from flask_cors import CORS
 import admin
 import anthropic_api
 import api
+import ollama_api
 import rerank
 import status_page
 import tasks
@@ -81,6 +82,7 @@ def create_app(settings: Settings, *, config_path: Path | None = None,
     install_openapi(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(anthropic_api.bp)
+    app.register_blueprint(ollama_api.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(status_page.bp)
     app.register_blueprint(tokens_api.bp)
@@ -114,7 +116,7 @@ def _install_request_log(app: Flask) -> None:
         level = logging.DEBUG if request.path in QUIET_PATHS else logging.INFO
         seconds = time.monotonic() - g.get("started", time.monotonic())
         log.log(level, "request method=%s path=%s status=%d seconds=%.3f stream=%s", request.method,
-                request.path, response.status_code, seconds, response.mimetype == "text/event-stream")
+                request.path, response.status_code, seconds, response.is_streamed)
         return response
 
 

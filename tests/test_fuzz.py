@@ -2,9 +2,9 @@
 Schemathesis against /openapi.json.
 
 Whatever arrives, the answer is never a 500 and never a traceback; every error has its API's
-shape (OpenAI's, or Anthropic's on ``/v1/messages``). The server runs real models with a tiny
-context and a token cap, so even the valid requests the fuzzers stumble on finish in
-milliseconds.
+shape (OpenAI's, Anthropic's on ``/v1/messages``, Ollama's under ``/api/``). The server runs
+real models with a tiny context and a token cap, so even the valid requests the fuzzers stumble
+on finish in milliseconds.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -26,11 +27,14 @@ from hypothesis import strategies as st
 from grammar.checker import GrammarChecker
 
 ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages", "/v1/messages/count_tokens",
-             "/admin/load", "/admin/unload"]
+             "/admin/load", "/admin/unload", "/api/chat", "/api/generate", "/api/embed", "/api/embeddings",
+             "/api/show", "/v1/rerank", "/tokenize", "/detokenize", "/apply-template"]
 KEYS = ["model", "messages", "prompt", "input", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed",
         "stream", "stream_options", "logit_bias", "response_format", "tools", "tool_choice", "n", "grammar",
         "keep_alive", "ignore_eos", "encoding_format", "timeout", "role", "content",
-        "system", "stop_sequences", "thinking", "output_config", "type", "text", "input_schema", "name"]
+        "system", "stop_sequences", "thinking", "output_config", "type", "text", "input_schema", "name",
+        "options", "format", "think", "raw", "num_predict", "tool_calls", "images",
+        "query", "documents", "top_n", "tokens", "with_pieces"]
 
 NAMES = ["tiny", "tiny.gguf", "../tiny", "\x00", "all", "user", "10m"]
 GRAMMAR_SECONDS = 2.0  # the fuzz server's compile limit
@@ -65,9 +69,13 @@ def fuzz_server(tmp_path_factory) -> LiveServer:
 
 
 def assert_well_formed(response: requests.Response) -> None:
-    """No 5xx but 503, no traceback, and every body and chunk in its API's shape for its endpoint."""
+    """No 5xx but 503, no traceback, and every body and chunk in its API's shape for its endpoint
+    (Ollama's under /api/: ``{"error": message}``, and a stream of JSON lines ending ``done`` or in an error)."""
     assert response.status_code < 500 or response.status_code == 503, response.text[:500]
     assert "Traceback" not in response.text
+    if urlsplit(response.url).path.startswith("/api/"):
+        assert_ollama_well_formed(response)
+        return
     anthropic = response.request.path_url.startswith("/v1/messages")
     if response.status_code >= 400:
         body = response.json()
@@ -83,6 +91,17 @@ def assert_well_formed(response: requests.Response) -> None:
             assert anthropic_events(response)[-1][0] in ("message_stop", "error")
         else:
             assert list(sse_events(response))[-1] == "[DONE]"
+
+
+def assert_ollama_well_formed(response: requests.Response) -> None:
+    if response.status_code >= 400:
+        error = response.json()
+        assert list(error) == ["error"] and isinstance(error["error"], str), error
+    elif response.headers.get("Content-Type", "").startswith("application/x-ndjson"):
+        lines = [json.loads(line) for line in response.text.splitlines()]
+        assert lines and (lines[-1].get("done") is True or set(lines[-1]) == {"error"}), lines[-3:]
+    else:
+        assert isinstance(response.json(), dict)
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
