@@ -27,12 +27,25 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
 
 
+# Which API a path belongs to, first match: clients of each API can be counted apart.
+_APIS = (("/v1/messages", "anthropic"), ("/v1/rerank", "llama.cpp"), ("/v1/", "openai"), ("/api/", "ollama"),
+         ("/admin", "admin"), ("/metrics", "admin"), ("/health", "admin"))
+_LLAMA_CPP_PATHS = frozenset({"/tokenize", "/detokenize", "/apply-template", "/rerank"})
+
+
+def api_of(path: str) -> str:
+    """``openai``, ``anthropic``, ``ollama``, ``llama.cpp`` (its own endpoints), ``admin`` or ``other``."""
+    if path in _LLAMA_CPP_PATHS:
+        return "llama.cpp"
+    return next((api for prefix, api in _APIS if path.startswith(prefix)), "other")
+
+
 class Metrics:
     """The app's metrics and the hooks that feed them."""
 
     def __init__(self, manager: ModelManager) -> None:
         self.registry = registry = CollectorRegistry()
-        self.requests = Counter(PREFIX + "requests", "HTTP requests", ["endpoint", "method", "status"],
+        self.requests = Counter(PREFIX + "requests", "HTTP requests", ["api", "endpoint", "method", "status"],
                                 registry=registry)
         self.request_seconds = Histogram(PREFIX + "request_duration_seconds", "Request duration (streams: to the end)",
                                          ["endpoint"], buckets=LATENCY_BUCKETS, registry=registry)
@@ -91,7 +104,7 @@ class Metrics:
             endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
             started = g.get("metrics_started", time.monotonic())
             method = request.method if request.method in KNOWN_METHODS else "other"
-            self.requests.labels(endpoint, method, str(response.status_code)).inc()
+            self.requests.labels(api_of(request.path), endpoint, method, str(response.status_code)).inc()
 
             def observe() -> None:
                 self.request_seconds.labels(endpoint).observe(time.monotonic() - started)

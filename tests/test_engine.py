@@ -389,6 +389,18 @@ def _running(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
+def arrive_together(worker: Worker, prompt: list[int], params: SamplingParams, n: int) -> list[Stream]:
+    """``n`` generations of ``prompt`` that reach the scheduler in one step, however loaded the
+    machine: a short request holds the worker in a slow step while they are sent."""
+    worker.tune(step_delay=0.3)
+    blocker = worker.generate(worker.tokenize("The dog"), greedy(2))
+    assert blocker.wait_started(JOIN_TIMEOUT)
+    streams = [worker.generate(prompt, params) for _ in range(n)]
+    worker.tune()
+    drain(blocker)
+    return streams
+
+
 def test_identical_prompts_in_flight_together_are_prefilled_once(make_worker: Callable[..., Worker]) -> None:
     worker = make_worker(parallel=4)
     prompt = worker.tokenize(STORY * 3)
@@ -396,7 +408,7 @@ def test_identical_prompts_in_flight_together_are_prefilled_once(make_worker: Ca
     worker.generate(worker.tokenize("The dog"), greedy(1)).cancel()  # the slot's conversation changes
     before = worker.stats()
 
-    streams = [worker.generate(prompt, greedy(24)) for _ in range(3)]  # n=3, as the server sends it
+    streams = arrive_together(worker, prompt, greedy(24), 3)  # n=3, as the server sends it
     texts = [drain(s) for s in streams]
 
     after = worker.stats()
@@ -460,7 +472,7 @@ def test_choices_sharing_a_prompt_count_its_cells_once(make_worker: Callable[...
     """Three choices of a 200-token prompt need 200 + 3 x 20 cells, which fit 512: no preemption."""
     worker = make_worker(parallel=4, n_ctx=512)
     prompt = worker.tokenize(STORY * 9)[:200]
-    streams = [worker.generate(prompt, greedy(20)) for _ in range(3)]
+    streams = arrive_together(worker, prompt, greedy(20), 3)
     texts = [drain(s) for s in streams]
     stats = worker.stats()
     assert stats["shared_prompts"] == 2

@@ -31,9 +31,9 @@ def test_metrics_count_requests_tokens_loads_and_unloads(server: LiveServer):
     server.post("/admin/unload", {"model": "tiny"})
     server.post("/v1/completions", {"model": "nope", "prompt": "x"})
     samples = scrape(server)
-    assert value(samples, "llama_server_requests_total", endpoint="/v1/completions", method="POST",
+    assert value(samples, "llama_server_requests_total", api="openai", endpoint="/v1/completions", method="POST",
                  status="200") == 2
-    assert value(samples, "llama_server_requests_total", endpoint="/v1/completions", method="POST",
+    assert value(samples, "llama_server_requests_total", api="openai", endpoint="/v1/completions", method="POST",
                  status="404") == 1
     assert value(samples, "llama_server_generated_tokens_total", model="tiny") == 7
     assert value(samples, "llama_server_prompt_tokens_total", model="tiny") > 0
@@ -44,6 +44,16 @@ def test_metrics_count_requests_tokens_loads_and_unloads(server: LiveServer):
     assert value(samples, "llama_server_last_tokens_per_second", model="tiny") > 0
     assert value(samples, "llama_server_request_duration_seconds_count", endpoint="/v1/completions") == 3
     assert value(samples, "process_resident_memory_bytes") > 0
+
+
+def test_metrics_count_requests_per_api(server: LiveServer):
+    server.post("/api/generate", {"model": "tiny", "prompt": "Hello", "stream": False, "options": {"num_predict": 2}})
+    server.post("/tokenize", {"model": "tiny", "content": "Hello"})
+    server.post("/v1/messages", {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
+    samples = scrape(server)
+    for api, endpoint in (("ollama", "/api/generate"), ("llama.cpp", "/tokenize"), ("anthropic", "/v1/messages")):
+        assert value(samples, "llama_server_requests_total", api=api, endpoint=endpoint, method="POST",
+                     status="200") == 1, (api, endpoint)
 
 
 def test_metrics_show_live_state_and_do_not_keep_models_alive(make_server):
