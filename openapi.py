@@ -6,12 +6,14 @@ bodies are described loosely (objects), except errors, whose shape every endpoin
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from flask import Flask, jsonify
 from pydantic import BaseModel
 
 from rerank import RerankRequest
+from responses_schemas import ResponseRequest
 from schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelRequest
 from tokens_api import ApplyTemplateRequest, DetokenizeRequest, TokenizeRequest
 
@@ -27,8 +29,8 @@ ERROR_SCHEMA: dict[str, Any] = {
 }
 _ERRORS = {
     "400": "Invalid request", "401": "Missing or invalid API key", "403": "Key not allowed here",
-    "404": "Unknown model", "405": "Method not allowed", "409": "Model busy", "413": "Body too large",
-    "415": "Unsupported media type",
+    "404": "Unknown model or stored response", "405": "Method not allowed", "409": "Model busy",
+    "413": "Body too large", "415": "Unsupported media type",
     "422": "File is not a model", "429": "Queue full", "500": "Load or inference failure",
     "503": "No capacity or shutting down",
 }
@@ -39,6 +41,10 @@ _OPERATIONS: list[tuple[str, str, type[BaseModel] | None, str, bool]] = [
     ("/v1/completions", "post", CompletionRequest, "Text completion", True),
     ("/v1/embeddings", "post", EmbeddingRequest, "Embeddings", False),
     ("/v1/models", "get", None, "List models", False),
+    ("/v1/responses", "post", ResponseRequest, "Create a response (OpenAI's Responses API)", True),
+    ("/v1/responses/{response_id}", "get", None, "A stored response", False),
+    ("/v1/responses/{response_id}", "delete", None, "Delete a stored response", False),
+    ("/v1/responses/{response_id}/input_items", "get", None, "The input items of a stored response", False),
     ("/v1/rerank", "post", RerankRequest, "Rerank documents against a query (a reranker model)", False),
     ("/tokenize", "post", TokenizeRequest, "Tokenize text (llama.cpp's endpoint)", False),
     ("/detokenize", "post", DetokenizeRequest, "Token ids back to text (llama.cpp's endpoint)", False),
@@ -57,6 +63,10 @@ def openapi_document() -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for path, method, body, summary, streams in _OPERATIONS:
         operation: dict[str, Any] = {"summary": summary, "responses": _responses(streams)}
+        names = re.findall(r"{(\w+)}", path)
+        if names:
+            operation["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                                       for name in names]
         if body is not None:
             operation["requestBody"] = {"required": True, "content": {
                 "application/json": {"schema": _component(body, components)}}}
