@@ -231,3 +231,20 @@ def test_a_hang_up_mid_stream_frees_the_lease(server: LiveServer):
     started = time.monotonic()
     assert server.post("/v1/responses", {"model": "tiny-chat", "input": "Hi", "max_output_tokens": 1}).ok
     assert time.monotonic() - started < 5
+
+
+def test_a_failure_mid_stream_is_an_error_event_then_response_failed(server: LiveServer):
+    client = client_for(server)
+    client.responses.create(model="tiny-chat", input="Hi", max_output_tokens=1)  # loaded
+    server.loader.fail_eval_after = 5
+    body = {"model": "tiny-chat", "input": "Hi", "stream": True, "max_output_tokens": 50, "ignore_eos": True}
+    with server.post("/v1/responses", body, stream=True) as raw:
+        events = list(sse_events(raw))
+    assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
+    assert events[-2]["code"] == "inference_failed" and "Traceback" not in events[-2]["message"]
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(failed["id"])  # a failed response is not stored
+    assert server.model_view("tiny-chat")["in_flight"] == 0
+    assert client.responses.create(model="tiny-chat", input="Hi", max_output_tokens=3).usage.output_tokens == 3
