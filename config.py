@@ -42,6 +42,12 @@ class ServerSettings(_Section):
     api_keys: list[str] = []  # guard /v1 (an admin key works there too)
     admin_api_keys: list[str] = []  # guard /admin and /metrics (default: the api_keys)
     health_requires_key: bool = False
+    # Where the server keeps what it must remember (the stored Responses, ``responses.db``).
+    data_directory: Path = Path("./data")
+    # Stored responses (``store``, ``previous_response_id``): the newest this many are kept,
+    # none older than this many seconds; older ones go as new ones are stored. 0: store none.
+    responses_max_count: int = Field(1000, ge=0)
+    responses_max_age: float = Field(30 * 86400, gt=0)
 
 
 class ManagerSettings(_Section):
@@ -219,11 +225,15 @@ def _read_file(path: Path) -> dict[str, Any]:
     return data
 
 
+_PATH_KEYS = (("model_manager", "models_directory"), ("server", "data_directory"))
+
+
 def _resolve_file_paths(data: dict[str, Any], base_dir: Path) -> None:
-    manager = data.get("model_manager")
-    if isinstance(manager, dict) and isinstance(manager.get("models_directory"), str):
-        directory = Path(manager["models_directory"]).expanduser()
-        manager["models_directory"] = str(directory if directory.is_absolute() else base_dir / directory)
+    for section_name, key in _PATH_KEYS:
+        section = data.get(section_name)
+        if isinstance(section, dict) and isinstance(section.get(key), str):
+            directory = Path(section[key]).expanduser()
+            section[key] = str(directory if directory.is_absolute() else base_dir / directory)
 
 
 def _from_environ(environ: dict[str, str] | os._Environ[str]) -> dict[str, dict[str, Any]]:
@@ -237,7 +247,7 @@ def _from_environ(environ: dict[str, str] | os._Environ[str]) -> dict[str, dict[
 def _parse_env_value(key: str, raw: str) -> Any:
     if key in ("cors_origins", "api_keys", "admin_api_keys"):
         return [origin.strip() for origin in raw.split(",") if origin.strip()]
-    if key == "models_directory":
+    if key in ("models_directory", "data_directory"):
         return str(Path(raw).expanduser().resolve())
     if raw.strip().lower() in ("", "null", "none"):
         return None

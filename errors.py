@@ -71,6 +71,14 @@ class ModelNotFound(ServiceError):
     code = "model_not_found"
 
 
+class NotFound(ServiceError):
+    """Something other than a model that the request names does not exist (a stored response)."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
 class NotAModel(ServiceError):
     """The file exists but is not a loadable model (not GGUF, truncated, vocab-only)."""
 

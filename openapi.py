@@ -8,6 +8,7 @@ described loosely (objects), except errors, whose shape every endpoint of one AP
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from flask import Flask, jsonify
@@ -18,6 +19,7 @@ from anthropic_schemas import CountTokensRequest, MessagesRequest
 from ollama_api import NDJSON
 from ollama_schemas import ChatRequest, EmbeddingsRequest, EmbedRequest, GenerateRequest, ShowRequest
 from rerank import RerankRequest
+from responses_schemas import ResponseRequest
 from schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelRequest
 from tokens_api import ApplyTemplateRequest, DetokenizeRequest, TokenizeRequest
 
@@ -35,8 +37,8 @@ OLLAMA_ERROR_SCHEMA: dict[str, Any] = {"type": "object", "required": ["error"],
                                       "properties": {"error": {"type": "string"}}}
 _ERRORS = {
     "400": "Invalid request", "401": "Missing or invalid API key", "403": "Key not allowed here",
-    "404": "Unknown model", "405": "Method not allowed", "409": "Model busy", "413": "Body too large",
-    "415": "Unsupported media type",
+    "404": "Unknown model or stored response", "405": "Method not allowed", "409": "Model busy",
+    "413": "Body too large", "415": "Unsupported media type",
     "422": "File is not a model", "429": "Queue full", "500": "Load or inference failure",
     "503": "No capacity or shutting down",
 }
@@ -50,6 +52,10 @@ _OPERATIONS: list[tuple[str, str, type[BaseModel] | None, str, str | None]] = [
     ("/v1/completions", "post", CompletionRequest, "Text completion", SSE),
     ("/v1/embeddings", "post", EmbeddingRequest, "Embeddings", None),
     ("/v1/models", "get", None, "List models", None),
+    ("/v1/responses", "post", ResponseRequest, "Create a response (OpenAI's Responses API)", SSE),
+    ("/v1/responses/{response_id}", "get", None, "A stored response", None),
+    ("/v1/responses/{response_id}", "delete", None, "Delete a stored response", None),
+    ("/v1/responses/{response_id}/input_items", "get", None, "The input items of a stored response", None),
     ("/v1/rerank", "post", RerankRequest, "Rerank documents against a query (a reranker model)", None),
     ("/tokenize", "post", TokenizeRequest, "Tokenize text (llama.cpp's endpoint)", None),
     ("/detokenize", "post", DetokenizeRequest, "Token ids back to text (llama.cpp's endpoint)", None),
@@ -79,6 +85,10 @@ def openapi_document() -> dict[str, Any]:
         error = "AnthropicError" if path.startswith("/v1/messages") else "OllamaError" if path.startswith(
             "/api/") else "Error"
         operation: dict[str, Any] = {"summary": summary, "responses": _responses(streams, error)}
+        names = re.findall(r"{(\w+)}", path)
+        if names:
+            operation["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                                       for name in names]
         if body is not None:
             operation["requestBody"] = {"required": True, "content": {
                 "application/json": {"schema": _component(body, components)}}}

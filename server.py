@@ -28,6 +28,7 @@ import anthropic_api
 import api
 import ollama_api
 import rerank
+import responses_api
 import status_page
 import tasks
 import tokens_api
@@ -38,6 +39,7 @@ from grammar.checker import GrammarChecker
 from metrics import Metrics
 from model_manager import Clock, Loader, ModelManager
 from openapi import install_openapi
+from response_store import ResponseStore
 from state import EXTENSION, AppState
 from workers import WorkerLauncher
 from wsgi_server import build_wsgi_server, listen_addresses
@@ -67,7 +69,9 @@ def create_app(settings: Settings, *, config_path: Path | None = None,
     manager = ModelManager(settings.model_manager, settings.models, clock=clock, loader=loader)
     state = AppState(settings, manager, config_path, overrides or {}, metrics=Metrics(manager),
                      pool=ThreadPoolExecutor(settings.server.threads, thread_name_prefix="stream-load"),
-                     grammars=grammars or GrammarChecker())
+                     grammars=grammars or GrammarChecker(),
+                     responses=ResponseStore(settings.server.data_directory, settings.server.responses_max_count,
+                                             settings.server.responses_max_age))
     if background:
         state.scheduler = tasks.start_scheduler(manager, settings.model_manager.check_interval)
         if settings.model_manager.preload:
@@ -87,6 +91,7 @@ def create_app(settings: Settings, *, config_path: Path | None = None,
     app.register_blueprint(status_page.bp)
     app.register_blueprint(tokens_api.bp)
     app.register_blueprint(rerank.bp)
+    app.register_blueprint(responses_api.bp)
     _install_request_log(app)
     if not manager.models():
         log.warning("no models found in %s: put .gguf files there (sub-folders are scanned too), "
@@ -104,6 +109,7 @@ def close_app(app: Flask, timeout: float | None = None) -> None:
     state.manager.shutdown(state.manager.settings.unload_timeout if timeout is None else timeout)
     state.pool.shutdown(wait=False)
     state.grammars.close()
+    state.responses.close()
 
 
 def _install_request_log(app: Flask) -> None:

@@ -26,6 +26,12 @@ def event(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
+def typed_event(payload: dict[str, Any]) -> bytes:
+    """An event named by its payload's ``type`` (``event: <type>`` then ``data:``), as OpenAI's
+    Responses stream writes them; clients that read only ``data:`` see the same JSON."""
+    return b"event: " + str(payload["type"]).encode() + b"\n" + event(payload)
+
+
 class ChunkTemplate:
     """Encodes ``{"choices": [{"<delta path>": <text>}]}`` chunks by splicing the text in."""
 

@@ -29,6 +29,7 @@ class AppState:
     scheduler: Any = None
     event_streams: Any = None  # a BoundedSemaphore: open /admin/events streams
     config_from_file: bool = False  # the running config was read from config_path (so it must stay there)
+    responses: Any = None  # a ResponseStore: the stored Responses (opens its file on first use)
     grammars: GrammarChecker = field(default_factory=GrammarChecker)  # starts its helper on the first grammar
     started: float = field(default_factory=time.monotonic)
 

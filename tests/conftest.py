@@ -211,7 +211,8 @@ def start_live_server(models_dir: Path, manager: dict[str, Any] | None = None,
     """
     manager_settings = {"models_directory": models_dir, "n_ctx": 512, "n_gpu_layers": 0,
                         "n_threads": 1, **(manager or {})}
-    settings = Settings.model_validate({"server": {"port": 0, "threads": 8, **(server or {})},
+    server = {"port": 0, "threads": 8, "data_directory": models_dir.parent / "data", **(server or {})}
+    settings = Settings.model_validate({"server": server,
                                         "model_manager": manager_settings, "models": models or {}})
     loader = CountingLoader(settings.model_manager.worker_timeout)
     app = create_app(settings, config_path=config_path, loader=loader, clock=clock, background=background,
@@ -266,7 +267,8 @@ def check_response(response: requests.Response) -> requests.Response:
     Streams are left alone here: ``sse_events`` checks them chunk by chunk.
     """
     if response.headers.get("Content-Type", "").startswith("application/json"):
-        schema = openai_spec.response_schema(_path(response), response.status_code, _request_json(response))
+        schema = openai_spec.response_schema(_path(response), response.status_code, _request_json(response),
+                                             response.request.method or "GET")
         if schema is not None:
             openai_spec.validate(response.json(), schema)
     return response
@@ -278,9 +280,15 @@ def sse_events(response: requests.Response) -> Iterator[Any]:
     Each chunk of a chat or text completion stream must match OpenAI's chunk schema (an
     in-band error event, its error schema).
     """
+    named = None
     for line in response.iter_lines():
-        if line and not line.startswith(b":"):
-            yield sse_data(response, line)
+        if line.startswith(b"event: "):  # a typed stream (Responses): the name must be the data's type
+            named = line[len(b"event: "):].decode()
+        elif line and not line.startswith(b":"):
+            event = sse_data(response, line)
+            assert named is None or event["type"] == named, (named, event)
+            named = None
+            yield event
 
 
 def sse_data(response: requests.Response, line: bytes) -> Any:

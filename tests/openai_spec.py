@@ -16,6 +16,10 @@ under its own name so nothing else is loosened:
   last one (the spec's own streaming example does).
 - ``BASE64_EMBEDDING``: with ``encoding_format: "base64"`` each ``embedding`` is a base64
   string of little-endian float32s, not an array of numbers.
+
+One shape the spec leaves out is written here: ``RESPONSE_DELETED``, the body of
+``DELETE /v1/responses/{id}`` (the spec documents a bare 200; OpenAI answers
+``{"id", "object": "response.deleted", "deleted": true}``).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ SPEC_URI = "urn:openai:openapi.json"
 
 COMPLETION_CHUNK = "CreateCompletionResponse.streamed"
 BASE64_EMBEDDING = "CreateEmbeddingResponse.base64"
+RESPONSE_DELETED = "DeleteResponse.local"
 
 # Keys whose values are data, not schemas: a "nullable" inside them is not a keyword.
 _DATA_KEYS = frozenset({"example", "examples", "default", "enum", "const"})
@@ -58,7 +63,7 @@ def validate(body: Any, schema: str) -> None:
         raise SpecViolation(f"{schema}: " + "; ".join(errors[:5]) + f"\nbody: {json.dumps(body)[:2000]}")
 
 
-def response_schema(path: str, status: int, request: Any) -> str | None:
+def response_schema(path: str, status: int, request: Any, method: str = "POST") -> str | None:
     """The schema a JSON reply to ``request`` (its parsed body) on ``path`` must match; None off OpenAI's
     paths (off ``/v1``, and Anthropic's ``/v1/messages``, checked by its own tests)."""
     if not path.startswith("/v1/") or path.startswith("/v1/messages"):
@@ -67,6 +72,10 @@ def response_schema(path: str, status: int, request: Any) -> str | None:
         return "ErrorResponse"
     if path.startswith("/v1/models/"):
         return "Model"
+    if path.startswith("/v1/responses"):
+        if path.endswith("/input_items"):
+            return "ResponseItemList"
+        return RESPONSE_DELETED if method == "DELETE" else "Response"
     schema = _REPLIES.get(path)
     if schema == "CreateEmbeddingResponse" and isinstance(request, dict) and request.get("encoding_format") == "base64":
         return BASE64_EMBEDDING
@@ -74,7 +83,11 @@ def response_schema(path: str, status: int, request: Any) -> str | None:
 
 
 def chunk_schema(path: str, chunk: Any) -> str | None:
-    """The schema one streamed event on ``path`` must match: a completion chunk, or an in-band error."""
+    """The schema one streamed event on ``path`` must match: a completion chunk, or an in-band error;
+    on ``/v1/responses`` the schema of the event's ``type``."""
+    if path == "/v1/responses":
+        kind = chunk.get("type") if isinstance(chunk, dict) else None
+        return _response_events().get(kind, "ResponseStreamEvent") if isinstance(kind, str) else "ResponseStreamEvent"
     if path not in _CHUNKS:
         return None
     return "ErrorResponse" if isinstance(chunk, dict) and "error" in chunk else _CHUNKS[path]
@@ -89,6 +102,19 @@ def _validator(schema: str) -> jsonschema_rs.Draft202012Validator:
 
 
 @functools.cache
+def _response_events() -> dict[str, str]:
+    """Each Responses stream event's ``type`` -> the name of its schema."""
+    schemas = _document()["components"]["schemas"]
+    events = {}
+    for ref in schemas["ResponseStreamEvent"]["anyOf"]:
+        name = ref["$ref"].rsplit("/", 1)[1]
+        kind = schemas[name].get("properties", {}).get("type", {}).get("enum", [None])[0]
+        if kind is not None:
+            events[kind] = name
+    return events
+
+
+@functools.cache
 def _registry() -> jsonschema_rs.Registry:
     return jsonschema_rs.Registry([(SPEC_URI, _document())], draft=jsonschema_rs.Draft202012)
 
@@ -100,6 +126,9 @@ def _document() -> dict[str, Any]:
     schemas = document["components"]["schemas"]
     schemas[COMPLETION_CHUNK] = _completion_chunk(schemas["CreateCompletionResponse"])
     schemas[BASE64_EMBEDDING] = _base64_embeddings(schemas["CreateEmbeddingResponse"], schemas["Embedding"])
+    schemas[RESPONSE_DELETED] = {
+        "type": "object", "required": ["id", "object", "deleted"], "additionalProperties": False,
+        "properties": {"id": {"type": "string"}, "object": {"const": "response.deleted"}, "deleted": {"const": True}}}
     return document
 
 

@@ -140,3 +140,18 @@ def test_shipped_config_has_the_documented_defaults():
     assert (manager.idle_timeout, manager.check_interval, manager.n_ctx, manager.n_gpu_layers) == (300, 60, 4096, -1)
     assert manager.n_threads is None
     assert manager.default_model is None
+
+
+def test_data_directory_resolves_like_models_directory_and_the_store_bounds_come_from_the_environment(
+        tmp_path, monkeypatch):
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    monkeypatch.chdir(tmp_path)
+    path = write_config(folder / "config.json", {"server": {"data_directory": "state"}})
+    assert load_settings(path, environ={}).server.data_directory == folder / "state"
+    environ = {"LLAMA_SERVER_DATA_DIRECTORY": "from-env", "LLAMA_SERVER_RESPONSES_MAX_COUNT": "5",
+               "LLAMA_SERVER_RESPONSES_MAX_AGE": "3600"}
+    server = load_settings(path, environ=environ).server
+    assert (server.data_directory, server.responses_max_count, server.responses_max_age) == (
+        tmp_path.resolve() / "from-env", 5, 3600)
+    assert "responses_max_age" in config_error(write_config(folder / "bad.json", {"server": {"responses_max_age": 0}}))

@@ -27,14 +27,17 @@ from hypothesis import strategies as st
 from grammar.checker import GrammarChecker
 
 ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages", "/v1/messages/count_tokens",
-             "/admin/load", "/admin/unload", "/api/chat", "/api/generate", "/api/embed", "/api/embeddings",
-             "/api/show", "/v1/rerank", "/tokenize", "/detokenize", "/apply-template"]
+             "/v1/responses", "/admin/load", "/admin/unload", "/api/chat", "/api/generate", "/api/embed",
+             "/api/embeddings", "/api/show", "/v1/rerank", "/tokenize", "/detokenize", "/apply-template"]
 KEYS = ["model", "messages", "prompt", "input", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed",
         "stream", "stream_options", "logit_bias", "response_format", "tools", "tool_choice", "n", "grammar",
         "keep_alive", "ignore_eos", "encoding_format", "timeout", "role", "content",
         "system", "stop_sequences", "thinking", "output_config", "type", "text", "input_schema", "name",
         "options", "format", "think", "raw", "num_predict", "tool_calls", "images",
-        "query", "documents", "top_n", "tokens", "with_pieces"]
+        "query", "documents", "top_n", "tokens", "with_pieces",
+        "instructions", "max_output_tokens", "previous_response_id", "store", "reasoning", "call_id", "output"]
+# The Responses API's streams end with the response's last state instead of [DONE].
+RESPONSE_ENDS = {"response.completed", "response.incomplete", "response.failed"}
 
 NAMES = ["tiny", "tiny.gguf", "../tiny", "\x00", "all", "user", "10m"]
 GRAMMAR_SECONDS = 2.0  # the fuzz server's compile limit
@@ -50,7 +53,14 @@ bodies = (json_values
                                    "messages": st.lists(st.fixed_dictionaries(
                                        {"role": st.sampled_from(["user", "system", "assistant", "x"]),
                                         "content": json_values}), max_size=3)},
-                                  optional={k: json_values for k in KEYS if k not in ("model", "messages")}))
+                                  optional={k: json_values for k in KEYS if k not in ("model", "messages")})
+          | st.fixed_dictionaries({"model": st.sampled_from(["tiny", "tiny-chat", "tiny-tools"]),
+                                   "input": json_values | st.lists(st.fixed_dictionaries(
+                                       {"type": st.sampled_from(["message", "function_call", "function_call_output",
+                                                                 "reasoning", "x"]),
+                                        "role": st.sampled_from(["user", "assistant", "developer"]),
+                                        "content": json_values}), max_size=3)},
+                                  optional={k: json_values for k in KEYS if k not in ("model", "input")}))
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +100,8 @@ def assert_well_formed(response: requests.Response) -> None:
         if anthropic:
             assert anthropic_events(response)[-1][0] in ("message_stop", "error")
         else:
-            assert list(sse_events(response))[-1] == "[DONE]"
+            last = list(sse_events(response))[-1]
+            assert last == "[DONE]" or last["type"] in RESPONSE_ENDS, last
 
 
 def assert_ollama_well_formed(response: requests.Response) -> None:

@@ -28,7 +28,9 @@ def examples(schema: str) -> list[Any]:
 
 
 @pytest.mark.parametrize("schema", ["CreateChatCompletionResponse", "CreateChatCompletionStreamResponse",
-                                    "CreateCompletionResponse", "Model"])
+                                    "CreateCompletionResponse", "Model", "ResponseOutputItemAddedEvent",
+                                    "ResponseFunctionCallArgumentsDoneEvent",
+                                    "ResponseItemList"])
 def test_openais_own_examples_pass(schema: str):
     for example in examples(schema):
         validate(example, schema)
@@ -75,3 +77,9 @@ def test_endpoints_map_to_their_schemas():
     assert openai_spec.response_schema("/health", 200, None) is None
     assert openai_spec.chunk_schema("/v1/completions", {"id": "x"}) == COMPLETION_CHUNK
     assert openai_spec.chunk_schema("/v1/chat/completions", {"error": {}}) == "ErrorResponse"
+    assert openai_spec.response_schema("/v1/responses", 200, {}) == "Response"
+    assert openai_spec.response_schema("/v1/responses/resp_1", 200, None, "DELETE") == openai_spec.RESPONSE_DELETED
+    assert openai_spec.response_schema("/v1/responses/resp_1/input_items", 200, None, "GET") == "ResponseItemList"
+    assert openai_spec.chunk_schema("/v1/responses", {"type": "response.output_text.delta"}) == "ResponseTextDeltaEvent"
+    assert openai_spec.chunk_schema("/v1/responses", {"type": "error"}) == "ResponseErrorEvent"
+    assert openai_spec.chunk_schema("/v1/responses", {"type": "made.up"}) == "ResponseStreamEvent"
