@@ -37,7 +37,8 @@ def health() -> Response:
 @bp.get("/admin/models")
 def admin_models() -> Response:
     """The detailed model listing."""
-    return jsonify({"models": app_state().manager.models()})
+    state = app_state()
+    return jsonify({"models": state.manager.models(), "requests": state.metrics.requests_by_api()})
 
 
 @bp.post("/admin/load")

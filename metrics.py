@@ -68,6 +68,16 @@ class Metrics:
         registry.register(_LiveState(manager))
         manager.events.add_listener(self.on_event)
 
+    def requests_by_api(self) -> dict[str, int]:
+        """Requests answered so far, per API (``api_of``), for the status page."""
+        counts: dict[str, int] = {}
+        for metric in self.requests.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    api = sample.labels["api"]
+                    counts[api] = counts.get(api, 0) + int(sample.value)
+        return counts
+
     def on_event(self, event: dict[str, Any]) -> None:
         """Count lifecycle events (called synchronously by the event bus: keep it cheap)."""
         kind, model, mode = event["event"], event.get("model", ""), event.get("mode", "")

@@ -176,9 +176,18 @@ function refreshSoon() {
 async function refreshModels() {
   const response = await request("admin/models");
   if (!response.ok) throw new Error(await errorMessage(response));
-  const { models } = await response.json();
+  const { models, requests } = await response.json();
   $("connection").textContent = MODES[mode]; // replaces an earlier failure's message
   render(models);
+  renderRequests(requests ?? {});
+}
+
+// Requests answered per API since the server started (OpenAI, Anthropic, Ollama, llama.cpp's own).
+function renderRequests(requests) {
+  const apis = Object.entries(requests).filter(([api]) => api !== "admin" && api !== "other");
+  $("requests").textContent = apis.length
+    ? "Requests by API: " + apis.map(([api, count]) => `${api} ${count}`).join(" · ")
+    : "";
 }
 
 // ------------------------------------------------------------------ the table

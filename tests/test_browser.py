@@ -212,3 +212,12 @@ def test_screenshot_of_the_status_page(make_server, page):
     if not SCREENSHOT.exists() or SCREENSHOT.read_bytes() != image:
         SCREENSHOT.parent.mkdir(exist_ok=True)
         SCREENSHOT.write_bytes(image)
+
+
+def test_status_page_counts_requests_per_api(make_server, page):
+    server = make_server()
+    server.post("/v1/completions", {"model": "tiny", "prompt": "Hello", "max_tokens": 2})
+    server.post("/api/generate", {"model": "tiny", "prompt": "Hello", "stream": False, "options": {"num_predict": 2}})
+    page.goto(server.url + "/")
+    expect(page.locator("#requests")).to_contain_text("openai 1")
+    expect(page.locator("#requests")).to_contain_text("ollama 1")
