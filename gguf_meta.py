@@ -33,23 +33,33 @@ class ArrayLength:
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
-    """Scalar and string metadata of a GGUF file (arrays as their ``ArrayLength``)."""
-    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        if data[:4] != b"GGUF":
-            raise GGUFError("not a GGUF file")
-        version, _n_tensors, n_kv = struct.unpack_from("<IQQ", data, 4)
-        if version < 2:
-            raise GGUFError(f"GGUF version {version} is not supported")
-        offset, values = 24, {}
-        try:
-            for _ in range(n_kv):
-                key, offset = _string(data, offset)
-                (kind,), offset = struct.unpack_from("<I", data, offset), offset + 4
-                value, offset = _value(data, offset, kind)
-                values[key] = value
-        except (struct.error, UnicodeDecodeError, KeyError) as exc:
-            raise GGUFError(f"corrupt GGUF metadata: {exc}") from None
-        return values
+    """Scalar and string metadata of a GGUF file (arrays as their ``ArrayLength``); ``GGUFError``
+    for anything that is not a whole GGUF header (an empty file, a copy still in progress)."""
+    with path.open("rb") as handle:
+        if not path.stat().st_size:
+            raise GGUFError("the file is empty")  # mmap cannot map an empty file
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _read(data)
+
+
+def _read(data: Any) -> dict[str, Any]:
+    if data[:4] != b"GGUF":
+        raise GGUFError("not a GGUF file")
+    if len(data) < 24:
+        raise GGUFError("truncated GGUF header")
+    version, _n_tensors, n_kv = struct.unpack_from("<IQQ", data, 4)
+    if version < 2:
+        raise GGUFError(f"GGUF version {version} is not supported")
+    offset, values = 24, {}
+    try:
+        for _ in range(n_kv):
+            key, offset = _string(data, offset)
+            (kind,), offset = struct.unpack_from("<I", data, offset), offset + 4
+            value, offset = _value(data, offset, kind)
+            values[key] = value
+    except (struct.error, UnicodeDecodeError, KeyError) as exc:
+        raise GGUFError(f"corrupt GGUF metadata: {exc}") from None
+    return values
 
 
 def _string(data: Any, offset: int) -> tuple[str, int]:

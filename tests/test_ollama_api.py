@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -263,3 +265,36 @@ def test_a_failure_mid_stream_arrives_as_an_error_line(live: LiveServer, client:
         list(client.generate(model="stories", prompt="Once upon a time", options={"num_predict": 50}, stream=True))
     assert "failed" in failed.value.error.lower()
     live.wait_for(lambda: live.model_view("stories")["in_flight"] == 0)
+
+
+def test_a_broken_gguf_file_does_not_break_the_listings(make_server, models_dir: Path):
+    (models_dir / "empty.gguf").write_bytes(b"")  # a copy still in progress, say
+    (models_dir / "short.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")  # magic and version, no counts
+    server = make_server()
+    assert server.get("/api/tags").status_code == 200
+    assert server.get("/v1/models").status_code == 200
+    assert server.post("/api/show", {"model": "empty"}).status_code < 500
+
+
+def test_keep_alive_zero_on_a_busy_model_unloads_it_when_its_requests_end(make_server):
+    server = make_server()
+    server.post("/api/chat", {"model": "tiny-chat", "messages": []})  # loads it
+    server.loader.token_delay = 0.02
+    finished = threading.Event()
+
+    def long_request() -> None:
+        server.post("/api/chat", {"model": "tiny-chat", "stream": False, "options": {"num_predict": 60},
+                                  "messages": [{"role": "user", "content": "hi"}]})
+        finished.set()
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    time.sleep(0.4)
+    reply = server.post("/api/generate", {"model": "tiny-chat", "keep_alive": 0})
+    assert reply.json()["done_reason"] == "unload"
+    thread.join(60)
+    assert finished.is_set()
+    deadline = time.monotonic() + 10
+    while "tiny-chat" in server.get("/health").json()["loaded_models"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "tiny-chat" not in server.get("/health").json()["loaded_models"]
