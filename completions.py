@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -331,9 +331,7 @@ def _response_id(job: Job) -> str:
 
 def stream(job: Job) -> Response:
     """A text/event-stream response; the lease is released when the response closes."""
-    response = Response(_events(job), mimetype=sse.MIMETYPE, headers=sse.HEADERS)
-    response.call_on_close(job.close)
-    return response
+    return _response(_events(job), job.close, sse.MIMETYPE, sse.HEADERS)
 
 
 def stream_after_load(manager: ModelManager, kind: str, request: _Generation, verdict: Verdict,
@@ -348,29 +346,52 @@ def stream_after_load(manager: ModelManager, kind: str, request: _Generation, ve
     Whoever finishes last releases the lease.
     """
     model_id = verdict.model_id
+
+    def keepalive(first: bool) -> bytes:
+        if first:
+            return sse.comment(f"loading {model_id}")
+        return sse.comment(f"loading {model_id} {manager.loading_progress(model_id) * 100:.0f}%")
+
+    def failure(error: ServiceError) -> Iterator[bytes]:
+        yield sse.event(error.body())
+        yield sse.DONE
+
     pending = _PendingJob(lambda: prepare(manager, kind, request, verdict, disconnected, observer), pool)
+    return _after_load(pending, model_id, _events, keepalive, failure, sse.MIMETYPE, sse.HEADERS)
+
+
+def _after_load(pending: _PendingJob, model_id: str, body: Callable[[Job], Iterator[bytes]],
+                keepalive: Callable[[bool], bytes], failure: Callable[[ServiceError], Iterator[bytes]],
+                mimetype: str, headers: dict[str, str]) -> Response:
+    """The stream of a job whose ``prepare`` (and load) runs on the pool, in any API's shapes:
+    as for a loaded model if it ends within ``STREAM_HEADERS_DEADLINE`` (a failure raised, with
+    its own status), else headers now, ``keepalive(first)`` every few seconds, and a failure
+    as ``failure(error)`` in the stream. Whoever finishes last releases the lease."""
     if pending.done.wait(STREAM_HEADERS_DEADLINE):
         if pending.error is not None:
             raise pending.error
         assert pending.job is not None
-        return stream(pending.job)
+        return _response(body(pending.job), pending.job.close, mimetype, headers)
 
     def events() -> Iterator[bytes]:
-        yield sse.comment(f"loading {model_id}")
+        yield keepalive(True)
         while not pending.done.wait(sse.LOADING_COMMENT_INTERVAL):
-            yield sse.comment(f"loading {model_id} {manager.loading_progress(model_id) * 100:.0f}%")
+            yield keepalive(False)
         if pending.error is not None:
             if not isinstance(pending.error, ServiceError):
                 log.error("preparing a stream failed model=%s", model_id, exc_info=pending.error)
             error = pending.error if isinstance(pending.error, ServiceError) else ServiceError("Load failed")
-            yield sse.event(error.body())
-            yield sse.DONE
+            yield from failure(error)
             return
         assert pending.job is not None
-        yield from _events(pending.job)
+        yield from body(pending.job)
 
-    response = Response(events(), mimetype=sse.MIMETYPE, headers=sse.HEADERS)
-    response.call_on_close(pending.release)
+    return _response(events(), pending.release, mimetype, headers)
+
+
+def _response(body: Iterator[bytes], on_close: Callable[[], None], mimetype: str, headers: dict[str, str]) -> Response:
+    response = Response(body, mimetype=mimetype, headers=headers)
+    response.call_on_close(on_close)
     return response
 
 
@@ -437,16 +458,7 @@ def _queued_comments(job: Job) -> Iterator[bytes]:
     Each comment is also a write that finds out a client that hung up: the stream is then
     closed, and its request cancelled in the worker before any of its prompt is read.
     """
-    first = job.streams[0]
-    with _worker_errors(job):
-        next_comment = time.monotonic() + QUEUE_GRACE_SECONDS  # a free slot answers sooner
-        while not first.wait_started(min(HANG_UP_POLL_SECONDS, max(0.0, next_comment - time.monotonic()))):
-            if job.disconnected():
-                job.close()  # cancels it in the worker's queue: none of its prompt is read
-                raise ClientGone("The client closed the connection while queued")
-            if time.monotonic() >= next_comment:
-                yield sse.comment(f"queued for {job.lease.model_id}")
-                next_comment = time.monotonic() + sse.LOADING_COMMENT_INTERVAL
+    yield from wait_for_slot(job, lambda: sse.comment(f"queued for {job.lease.model_id}"))
 
 
 def _choice_events(job: Job, base: dict[str, Any], index: int) -> Iterator[bytes]:
@@ -475,14 +487,28 @@ def _choice_events(job: Job, base: dict[str, Any], index: int) -> Iterator[bytes
 def _read_events(job: Job, base: dict[str, Any], index: int) -> Iterator[bytes]:
     """A chat answer read by its dialect as it streams: content and reasoning deltas as they
     are written, tool calls as OpenAI's call deltas. Returns the parser's ``Result``."""
+    reader = _read(job, index)
+    while True:
+        try:
+            events, entries = next(reader)
+        except StopIteration as end:
+            return end.value
+        yield from _event_chunks(base, index, events, _logprobs(job, entries) if entries else None)
+
+
+Reading = Generator[tuple[list[Event], list[TokenLogprob]], None, Result]
+
+
+def _read(job: Job, index: int) -> Reading:
+    """Choice ``index`` read by its dialect as it streams: per delta, the events it completes and
+    the log probabilities that came with it; returns the parser's ``Result``."""
     reading = job.reading
     assert reading is not None and reading.parser_options is not None
     parser = reading.dialect.parser(replace(reading.parser_options, streaming=True))
     stream = job.streams[index]
     for text in _deltas(job, index):
-        logprobs = _logprobs(job, stream.take_logprobs())
-        yield from _event_chunks(base, index, parser.feed(text), logprobs)
-    yield from _event_chunks(base, index, parser.flush(), None)
+        yield parser.feed(text), stream.take_logprobs()
+    yield parser.flush(), []
     result = parser.finish()
     _log_refused_call(job, result)
     return result
@@ -640,13 +666,18 @@ def choice_events(job: Job, index: int) -> Iterator[ChoiceEvent]:
                 yield Content(text)
         yield Finished(stream.result.finish_reason or "stop")
         return
-    parser = reading.dialect.parser(replace(reading.parser_options, streaming=True))
-    for text in _deltas(job, index):
-        yield from parser.feed(text)
-    yield from parser.flush()
-    read = parser.finish()
-    _log_refused_call(job, read)
+    read = yield from _flattened(_read(job, index))
     yield Finished("tool_calls" if read.tool_calls else stream.result.finish_reason or "stop")
+
+
+def _flattened(reader: Reading) -> Generator[Event, None, Result]:
+    """The events of ``_read``, one by one; returns its ``Result``."""
+    while True:
+        try:
+            events, _ = next(reader)
+        except StopIteration as end:
+            return end.value
+        yield from events
 
 
 def wait_for_slot(job: Job, keepalive: Callable[[], bytes]) -> Iterator[bytes]:
@@ -720,34 +751,9 @@ def stream_with(manager: ModelManager, kind: str, request: _Generation, verdict:
     """A streamed answer in ``renderer``'s shapes, loading the model first if it must, with the
     rules of ``stream_after_load``: a failure within ``STREAM_HEADERS_DEADLINE`` is raised
     (its own status), a later one is ``renderer.error`` in the stream."""
-    model_id = verdict.model_id
-    if manager.is_loaded(model_id):
+    if manager.is_loaded(verdict.model_id):
         job = prepare(manager, kind, request, verdict, disconnected, observer)
-        response = Response(drive(job, renderer), mimetype=renderer.mimetype, headers=renderer.headers)
-        response.call_on_close(job.close)
-        return response
+        return _response(drive(job, renderer), job.close, renderer.mimetype, renderer.headers)
     pending = _PendingJob(lambda: prepare(manager, kind, request, verdict, disconnected, observer), pool)
-    if pending.done.wait(STREAM_HEADERS_DEADLINE):
-        if pending.error is not None:
-            raise pending.error
-        assert pending.job is not None
-        response = Response(drive(pending.job, renderer), mimetype=renderer.mimetype, headers=renderer.headers)
-        response.call_on_close(pending.job.close)
-        return response
-
-    def events() -> Iterator[bytes]:
-        yield renderer.keepalive(None)
-        while not pending.done.wait(sse.LOADING_COMMENT_INTERVAL):
-            yield renderer.keepalive(None)
-        if pending.error is not None:
-            if not isinstance(pending.error, ServiceError):
-                log.error("preparing a stream failed model=%s", model_id, exc_info=pending.error)
-            yield from renderer.error(pending.error if isinstance(pending.error, ServiceError)
-                                      else ServiceError("Load failed"))
-            return
-        assert pending.job is not None
-        yield from drive(pending.job, renderer)
-
-    response = Response(events(), mimetype=renderer.mimetype, headers=renderer.headers)
-    response.call_on_close(pending.release)
-    return response
+    return _after_load(pending, verdict.model_id, lambda job: drive(job, renderer),
+                       lambda _first: renderer.keepalive(None), renderer.error, renderer.mimetype, renderer.headers)
