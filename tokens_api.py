@@ -14,8 +14,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from completions import chat_template
-from engine.client import RequestFailed, WorkerCrashed
-from errors import InvalidRequest
+from embeddings import worker_failures
 from model_manager import Lease, Mode
 from schemas import ChatCompletionRequest, _Body, parse_body
 from state import app_state
@@ -75,11 +74,8 @@ def _leased(name: str | None) -> Iterator[Lease]:
     mode = Mode.EMBED if manager.model_settings(model_id).embedding else Mode.GENERATE
     lease = manager.acquire(model_id, mode)
     try:
-        yield lease
-    except RequestFailed as exc:
-        raise InvalidRequest(exc.message, param=exc.param) from None
-    except WorkerCrashed as exc:
-        raise lease.crashed(exc) from None
+        with worker_failures(lease, "Tokenizing", "tokens"):
+            yield lease
     finally:
         lease.release()
 
