@@ -9,6 +9,7 @@ paths from a flag or the environment resolve against the working directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from chat_options import ChatOptions
+from engine.ggml_rpc import MAX_SERVERS, parse_endpoint
 from sampling import SamplingFields
 
 ENV_PREFIX = "LLAMA_SERVER_"
@@ -74,6 +76,15 @@ class ManagerSettings(_Section):
     prompt_cache_bytes: int = Field(256 * 2**20, ge=0)
     # A worker that answers nothing for this long while requests wait is killed (a crash).
     worker_timeout: float = Field(60, gt=0)
+    # ggml RPC servers (host:port, rpc_worker.py or llama.cpp's rpc-server) every model places
+    # layers on; a model's own ``rpc_servers`` replaces this list.
+    rpc_servers: list[str] = []
+    rpc_timeout: float = Field(5, gt=0)  # seconds for each RPC server's connection and handshake
+
+    @field_validator("rpc_servers")
+    @classmethod
+    def _check_rpc_servers(cls, value: list[str]) -> list[str]:
+        return check_rpc_servers(value)
 
     @field_validator("memory_budget", "prompt_cache_bytes", mode="before")
     @classmethod
@@ -101,9 +112,15 @@ class ModelSettings(_Section):
     use_mlock: bool | None = None
     use_mmap: bool | None = None
     embedding: bool = False  # an embedding model: /v1/embeddings only
+    rpc_servers: list[str] | None = None  # replaces model_manager.rpc_servers ([]: this model stays local)
     chat_template: str | None = None  # a Jinja template replacing the model's own
     load: dict[str, Any] = {}  # any other llama_cpp.Llama argument, checked by name and type
     default: SamplingDefaults = SamplingDefaults()
+
+    @field_validator("rpc_servers")
+    @classmethod
+    def _check_rpc_servers(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else check_rpc_servers(value)
 
     @field_validator("load")
     @classmethod
@@ -176,6 +193,17 @@ def check_llama_arguments(arguments: dict[str, Any]) -> None:
             raise ValueError(f"{name!r} must be of type {type(default).__name__}")
 
 
+def check_rpc_servers(endpoints: list[str]) -> list[str]:
+    """Each ``host:port`` as ggml's RPC client reads it; duplicates are refused."""
+    for endpoint in endpoints:
+        parse_endpoint(endpoint)  # its ValueError says what is wrong
+    if len(set(endpoints)) != len(endpoints):
+        raise ValueError("an RPC server is listed twice")
+    if len(endpoints) > MAX_SERVERS:
+        raise ValueError(f"at most {MAX_SERVERS} RPC servers (ggml's limit)")
+    return endpoints
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message is one line for a person."""
 
@@ -245,8 +273,11 @@ def _from_environ(environ: dict[str, str] | os._Environ[str]) -> dict[str, dict[
 
 
 def _parse_env_value(key: str, raw: str) -> Any:
-    if key in ("cors_origins", "api_keys", "admin_api_keys"):
-        return [origin.strip() for origin in raw.split(",") if origin.strip()]
+    if key in ("cors_origins", "api_keys", "admin_api_keys", "rpc_servers"):
+        if raw.lstrip().startswith("["):  # a JSON list, as the other list settings take
+            with contextlib.suppress(json.JSONDecodeError):
+                return json.loads(raw)
+        return [item.strip() for item in raw.split(",") if item.strip()]
     if key in ("models_directory", "data_directory"):
         return str(Path(raw).expanduser().resolve())
     if raw.strip().lower() in ("", "null", "none"):

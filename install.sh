@@ -5,21 +5,25 @@
 # Run ./install.sh --help for the options.
 set -euo pipefail
 
-NAME=llama-cpp-server
+SERVER_NAME=llama-cpp-server
+RPC_WORKER_NAME=llama-cpp-rpc-worker
+NAME=$SERVER_NAME  # the unit this run installs; --rpc-worker switches it
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 UNIT_DIR=$HOME/.config/systemd/user
-UNIT_PATH=$UNIT_DIR/$NAME.service
-LLAMA_BUILD_RECORD=.venv/.llama-cmake-args  # the CMAKE_ARGS the installed llama-cpp-python was built with
+LLAMA_BUILD_RECORD=.venv/.llama-cmake-args  # written by scripts/setup-venv.sh
 
 usage() {
   cat <<EOF
-Usage: ./install.sh [--cuda | --vulkan | --metal] [--no-service] [--dry-run]
-       ./install.sh --uninstall [--dry-run]
+Usage: ./install.sh [--rpc-worker] [--cuda | --vulkan | --metal] [--no-service] [--dry-run]
+       ./install.sh [--rpc-worker] --uninstall [--dry-run]
 
-Sets up .venv (llama-cpp-python is compiled from source: Python 3.10+ and a C/C++ compiler
-needed), creates .env from .env.example if missing, installs and starts the systemd user
-service $NAME (~/.config/systemd/user/$NAME.service).
+Sets up .venv (llama-cpp-python is compiled from source, with llama.cpp's RPC backend: Python
+3.10+ and a C/C++ compiler needed), creates .env from .env.example if missing, installs and
+starts the systemd user service $SERVER_NAME (~/.config/systemd/user/$SERVER_NAME.service).
 
+  --rpc-worker               install $RPC_WORKER_NAME instead: this box lends its CPU or GPU
+                             to a server on another box (rpc_worker.py; LLAMA_RPC_* in .env).
+                             The RPC protocol has no authentication: trusted LANs only.
   --cuda, --vulkan, --metal  build llama-cpp-python for that GPU backend
                              (adds -DGGML_CUDA=on, -DGGML_VULKAN=on or -DGGML_METAL=on to
                              CMAKE_ARGS; an existing build made with other CMAKE_ARGS is rebuilt)
@@ -28,7 +32,8 @@ service $NAME (~/.config/systemd/user/$NAME.service).
   --dry-run                  print what would be done, change nothing
   -h, --help                 this help
 
-Environment: CMAKE_ARGS (extra llama.cpp build options), PYTHON (interpreter for .venv,
+Environment: CMAKE_ARGS (extra llama.cpp build options; unset, the existing build is kept),
+PYTHON (interpreter for .venv,
 default python3), LLAMA_SERVER_SKIP_VENV=1 (leave .venv alone: for tests and packagers).
 EOF
 }
@@ -81,15 +86,10 @@ check_compiler() {
   fi
 }
 
-llama_installed() {
-  [ -x .venv/bin/python ] &&
-    .venv/bin/python -c 'import importlib.metadata as m; m.version("llama-cpp-python")' >/dev/null 2>&1
-}
-
 # What decides whether the service must restart: the requirements stamp and the build record.
 venv_state() {
   ls -1 .venv/.requirements-* 2>/dev/null || true
-  cat "$LLAMA_BUILD_RECORD" 2>/dev/null || true
+  cat "$LLAMA_BUILD_RECORD" .venv/.llama-build 2>/dev/null || true
 }
 
 setup_venv() {
@@ -99,34 +99,23 @@ setup_venv() {
   fi
   check_python
   check_compiler
-  local cmake_args=${CMAKE_ARGS:-}$gpu_args had_llama=0 built_with="" before
-  cmake_args=${cmake_args# }
-  say "llama-cpp-python build: CMAKE_ARGS=${cmake_args:-(none: CPU build)}"
-  llama_installed && had_llama=1
-  [ -f "$LLAMA_BUILD_RECORD" ] && built_with=$(<"$LLAMA_BUILD_RECORD")
+  # setup-venv.sh builds (once per machine and build options) or reuses the wheel. Without a GPU
+  # flag or CMAKE_ARGS it keeps the options the venv was built with, so a plain re-run never
+  # turns a GPU build back into a CPU one.
+  local setup=(env) before
+  if [ -n "$gpu_args" ] || [ -n "${CMAKE_ARGS+set}" ]; then
+    local cmake_args=${CMAKE_ARGS:-}$gpu_args
+    setup=(env CMAKE_ARGS="${cmake_args# }")
+  fi
+  setup+=(scripts/setup-venv.sh)
   before=$(venv_state)
-  if [ "$had_llama" = 0 ] && [ -n "$cmake_args" ]; then
-    # pip caches wheels by version, not by CMAKE_ARGS: a cached CPU build must not stand in.
-    run env CMAKE_ARGS="$cmake_args" PIP_NO_CACHE_DIR=1 scripts/setup-venv.sh requirements.txt
-  else
-    run env CMAKE_ARGS="$cmake_args" scripts/setup-venv.sh requirements.txt
+  if [ "$dry_run" = 1 ]; then
+    "${setup[@]}" --dry-run requirements.txt
+    say "would run: ${setup[*]} requirements.txt"
+    return
   fi
-  if [ "$had_llama" = 1 ] && [ -n "$cmake_args" ] && [ "$cmake_args" != "$built_with" ]; then
-    local pin
-    pin=$(grep -E '^llama-cpp-python==' requirements.txt) || die "requirements.txt pins no llama-cpp-python"
-    say "Rebuilding llama-cpp-python with CMAKE_ARGS=$cmake_args (was: ${built_with:-none}); this takes several minutes..."
-    run env CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}" \
-      .venv/bin/python -m pip install --force-reinstall --no-deps --no-cache-dir "$pin"
-    record_build "$cmake_args"
-  elif [ "$had_llama" = 0 ]; then
-    record_build "$cmake_args"
-  fi
-  [ "$dry_run" = 1 ] && return
+  "${setup[@]}" requirements.txt
   if [ "$before" = "$(venv_state)" ]; then say ".venv: unchanged"; else say ".venv: updated"; venv_changed=1; fi
-}
-
-record_build() {
-  [ "$dry_run" = 1 ] || printf '%s\n' "$1" >"$LLAMA_BUILD_RECORD"
 }
 
 # --- configuration -------------------------------------------------------------------------
@@ -181,6 +170,11 @@ server_url() {
 # --- the systemd user unit -----------------------------------------------------------------
 
 print_foreground() {
+  if [ "$NAME" = "$RPC_WORKER_NAME" ]; then
+    say "Start the RPC worker in the foreground instead (Ctrl-C stops it):"
+    say "  cd $ROOT && .venv/bin/python rpc_worker.py --host 127.0.0.1 --port 50052"
+    return
+  fi
   say "Start the server in the foreground instead (Ctrl-C stops it, finishing running requests):"
   say "  cd $ROOT && ./run.sh"
   say "It will listen on $(server_url)"
@@ -237,7 +231,12 @@ install_service() {
   run systemctl --user enable --now "$NAME.service"
   said ""
   said "$NAME is enabled and started."
-  say "  URL:     $(server_url)"
+  if [ "$NAME" = "$RPC_WORKER_NAME" ]; then
+    say "  listens on LLAMA_RPC_HOST:LLAMA_RPC_PORT from .env (default 127.0.0.1:50052); no authentication:"
+    say "  bind it to a trusted LAN address only, then list it in the server's rpc_servers"
+  else
+    say "  URL:     $(server_url)"
+  fi
   say "  logs:    journalctl --user -u $NAME -f"
   say "  status:  systemctl --user status $NAME"
   say "  restart: systemctl --user restart $NAME   (after editing .env or config.json)"
@@ -268,6 +267,7 @@ uninstall() {
 gpu_args="" service=1 dry_run=0 mode=install unit_changed=0 venv_changed=0
 while [ $# -gt 0 ]; do
   case $1 in
+    --rpc-worker) NAME=$RPC_WORKER_NAME ;;
     --cuda) gpu_args+=" -DGGML_CUDA=on" ;;
     --vulkan) gpu_args+=" -DGGML_VULKAN=on" ;;
     --metal) gpu_args+=" -DGGML_METAL=on" ;;
@@ -280,8 +280,9 @@ while [ $# -gt 0 ]; do
   shift
 done
 if [ "$mode" = uninstall ] && { [ -n "$gpu_args" ] || [ "$service" = 0 ]; }; then
-  warn "--uninstall takes no other option than --dry-run"; usage >&2; exit 2
+  warn "--uninstall takes no other option than --dry-run and --rpc-worker"; usage >&2; exit 2
 fi
+UNIT_PATH=$UNIT_DIR/$NAME.service
 
 cd "$ROOT"
 if [ "$mode" = uninstall ]; then

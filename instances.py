@@ -89,3 +89,9 @@ class Instance:
 def worker_pid(worker: Any) -> int | None:
     """The process id of a worker (None for none, or for a test's stand-in without one)."""
     return getattr(worker, "pid", None)
+
+
+def worker_devices(worker: Any) -> dict[str, int] | None:
+    """Where a loaded worker's weights went, by llama.cpp's buffer name (None when unknown)."""
+    info = getattr(worker, "info", None)
+    return dict(info.devices) if info is not None and getattr(info, "devices", None) else None

@@ -143,6 +143,9 @@ class _LiveState(Collector):
                                    labels=["model"])
         memory = GaugeMetricFamily(PREFIX + "estimated_memory_bytes", "Estimated memory of loaded models",
                                    labels=["model"])
+        devices = GaugeMetricFamily(PREFIX + "model_device_bytes",
+                                    "Weights of loaded models per device (llama.cpp's buffer name: CPU_Mapped, "
+                                    "RPC0[host:port], CUDA0...)", labels=["model", "device"])
         count = 0
         for view in views:
             instances = [view] + ([view["embeddings"]] if "embeddings" in view else [])
@@ -151,5 +154,11 @@ class _LiveState(Collector):
             held = [i for i in instances if i["state"] == "loaded"]
             count += len(held)
             memory.add_metric([view["id"]], sum(i["estimated_memory_bytes"] for i in held))
+            placed: dict[str, int] = {}
+            for instance in held:
+                for device, size in (instance.get("devices") or {}).items():
+                    placed[device] = placed.get(device, 0) + size
+            for device, size in placed.items():
+                devices.add_metric([view["id"], device], size)
         loaded.add_metric([], count)
-        yield from (loaded, in_flight, queued, memory)
+        yield from (loaded, in_flight, queued, memory, devices)

@@ -78,7 +78,7 @@ from errors import (
 )
 from events import EventBus
 from gguf_meta import Shape, estimate_bytes, model_shape
-from instances import Instance, Mode, ModelState, worker_pid
+from instances import Instance, Mode, ModelState, worker_devices, worker_pid
 from memory import MemoryProbe
 from model_views import InstanceSnapshot, loaded_ids, model_view
 from registry import NO_SETTINGS, Registry
@@ -412,6 +412,7 @@ class ModelManager:
             embedding=instance.mode is Mode.EMBED, extra=model.load_arguments(),
             parallel=model.parallel if model.parallel is not None else settings.parallel,
             prompt_cache_bytes=settings.prompt_cache_bytes, worker_timeout=settings.worker_timeout,
+            rpc_servers=tuple(_rpc_servers(settings, model)), rpc_timeout=settings.rpc_timeout,
             progress=lambda fraction: self._on_progress(instance, fraction),
             on_exit=lambda exit_info: self._on_worker_exit(instance, exit_info))
 
@@ -537,7 +538,8 @@ class ModelManager:
                 instance.progress = 1.0
                 pid = worker_pid(worker)
                 instance.transition(ModelState.LOADED, self.events, seconds=round(seconds, 3), pid=pid,
-                                    rss_mb=round(self._memory.rss(pid) / 2**20, 1))
+                                    rss_mb=round(self._memory.rss(pid) / 2**20, 1),
+                                    devices=worker_devices(worker))
             else:
                 instance.error = error
                 instance.transition(ModelState.FAILED, self.events, reason=error.message, seconds=round(seconds, 3))
@@ -745,8 +747,9 @@ class ModelManager:
         for file in files:
             generate = self._snapshot(instances.get((file.id, Mode.GENERATE)) or self._unloaded(file))
             embed = instances.get((file.id, Mode.EMBED))
-            views.append(model_view(file, settings.get(file.id, NO_SETTINGS), generate,
-                                    self._snapshot(embed) if embed is not None else None, root))
+            model = settings.get(file.id, NO_SETTINGS)
+            views.append(model_view(file, model, generate, self._snapshot(embed) if embed is not None else None,
+                                    root, _rpc_servers(self.settings, model)))
         return views
 
     def _unloaded(self, file: ModelFile) -> Instance:
@@ -768,6 +771,7 @@ class ModelManager:
                 state=instance.state, leases=instance.leases, generating=instance.generating,
                 last_used=instance.last_used, loaded_at=instance.loaded_at, load_seconds=instance.load_seconds,
                 progress=instance.progress, pid=worker_pid(instance.worker) if loaded else None,
+                devices=worker_devices(instance.worker) if loaded else None,
                 error=instance.error.message if instance.error else None, estimate=estimate,
                 idle_timeout=timeout, pinned=pinned, now=now, wall=wall)
 
@@ -776,6 +780,11 @@ class ModelManager:
         with self._lock:
             instances = list(self._instances.values())
         return loaded_ids((i.file.id, i.state) for i in instances)
+
+
+def _rpc_servers(settings: ManagerSettings, model: ModelSettings) -> list[str]:
+    """The RPC servers a model places layers on: its own list, else the global one."""
+    return model.rpc_servers if model.rpc_servers is not None else settings.rpc_servers
 
 
 def _timeout(instance: Instance, configured: float) -> float:

@@ -29,6 +29,7 @@ class InstanceSnapshot:
     load_seconds: float | None
     progress: float
     pid: int | None  # its worker's, while loaded
+    devices: dict[str, int] | None  # where its weights went (llama.cpp's buffer names), while loaded
     error: str | None
     estimate: int
     idle_timeout: float
@@ -38,16 +39,18 @@ class InstanceSnapshot:
 
 
 def model_view(file: ModelFile, model: ModelSettings, generate: InstanceSnapshot,
-               embed: InstanceSnapshot | None, root: Path | None = None) -> dict[str, Any]:
+               embed: InstanceSnapshot | None, root: Path | None = None,
+               rpc_servers: list[str] | None = None) -> dict[str, Any]:
     """One model: its file, its settings, its text generation instance's state at the top
     level and its embedding instance's (if any) under ``embeddings``.
 
     ``root``: show the path relative to it (the models folder), for callers who may not
-    learn the server's layout.
+    learn the server's layout. ``rpc_servers``: the RPC servers its loads use.
     """
     path = _relative(file.path, root) if root is not None else str(file.path)
     view: dict[str, Any] = {"id": file.id, "aliases": list(model.aliases), "path": path,
-                            "size_bytes": file.size, "created": file.created, "pinned": model.pinned}
+                            "size_bytes": file.size, "created": file.created, "pinned": model.pinned,
+                            "rpc_servers": list(rpc_servers or [])}
     view.update(instance_view(generate))
     if embed is not None:
         view["embeddings"] = instance_view(embed)
@@ -73,6 +76,7 @@ def instance_view(seen: InstanceSnapshot) -> dict[str, Any]:
         "idle_timeout": seen.idle_timeout,
         "load_seconds": seen.load_seconds,
         "pid": seen.pid if loaded else None,
+        "devices": seen.devices if loaded else None,
         "error": seen.error,
     }
     if seen.state is ModelState.LOADING:

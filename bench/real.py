@@ -25,7 +25,7 @@ from bench.chats import CONVERSATIONS, Message
 from bench.client import Endpoint, StreamResult
 from bench.cpu import wait_idle
 from bench.figures import JOIN_TIMEOUT, PROMPT, SkipFigure, completion_body, run_threads, short_prompt
-from bench.real_setup import DEFAULTS, PROFILES, RealServers
+from bench.real_setup import DEFAULTS, PROFILES, RPC, RealServers
 from bench.stats import Row, Sample, Target, compare, median_of, run_rounds
 from bench.workspace import Model
 
@@ -311,6 +311,23 @@ def our_default_n_ctx() -> int:
     return ManagerSettings().n_ctx
 
 
+# --------------------------------------------------------------------------- real_rpc
+
+
+def real_rpc(bench: RealBench) -> list[Row]:
+    """Tokens/s of one stream with every layer on an rpc_worker over loopback, against the same
+    model local: the price of the RPC hops alone, with no network in between (both on this box)."""
+    local, split = bench.servers.ours(DEFAULTS), bench.servers.ours(RPC)
+    sides = {name: lambda _i, e=endpoint, n=name: _tokens_per_s(_check(
+                 _stream(e, bench.model, PROMPT, bench.tokens), bench.tokens, n))
+             for name, endpoint in (("split", split), ("local", local))}
+    samples = run_rounds("real_rpc", sides, bench.runs)
+    row = compare("real_rpc", f"{bench.model.id} (rpc_worker on loopback)", "tokens/s", samples, "split", "local",
+                  "tokens_per_s")
+    row.notes = {"tokens": bench.tokens}
+    return [row]
+
+
 RealFigure = Callable[[RealBench], list[Row]]
 REAL_FIGURES: dict[str, RealFigure] = {
     "real_stream": real_stream,
@@ -318,4 +335,5 @@ REAL_FIGURES: dict[str, RealFigure] = {
     "real_short_during_long": real_short_during_long,
     "real_alternating": real_alternating,
     "real_cold": real_cold,
+    "real_rpc": real_rpc,
 }

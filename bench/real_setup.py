@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.client import Endpoint
-from bench.serverproc import LlamaServerProcess, ServerProcess
+from bench.serverproc import LlamaServerProcess, RpcWorkerProcess, ServerProcess
 from bench.workspace import DEFAULT_SHARED_MODELS, MODELS_ENV, Model
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 REAL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULTS, ALL_CORES = "defaults", "all-cores"
 PROFILES = (DEFAULTS, ALL_CORES)
+# Ours only: every layer on an rpc_worker.py on loopback (the real_rpc figure).
+RPC = "rpc"
 # llama-server's RAM prompt cache, in MiB. 8192 is also its default in the llama.cpp we vendor;
 # given explicitly so that the alternating-conversations figure does not depend on that default.
 CACHE_RAM_MIB = 8192
@@ -69,13 +71,23 @@ class RealServers:
         self._ours: dict[str, ServerProcess] = {}
         self._theirs: dict[str, LlamaServerProcess] = {}
         self._endpoints: dict[tuple[str, str], Endpoint] = {}
+        self._rpc: RpcWorkerProcess | None = None
 
     # ---- what each side runs with
 
     def our_settings(self, profile: str) -> dict[str, Any]:
         """The ``model_manager`` settings we give our server: the folder, and the threads if all-cores."""
         threads = {"n_threads": all_cores()} if profile == ALL_CORES else {}
-        return {"models_directory": str(self.models_dir), **NEVER_IDLE, **threads}
+        rpc = {"rpc_servers": [self.rpc_endpoint()]} if profile == RPC else {}
+        return {"models_directory": str(self.models_dir), **NEVER_IDLE, **threads, **rpc}
+
+    def rpc_endpoint(self) -> str:
+        """An rpc_worker.py with its defaults on a loopback port, started on first use."""
+        if self._rpc is None:
+            self._rpc = RpcWorkerProcess(self.root / "rpc-worker.log")
+            self._stack.callback(self._rpc.stop)
+            self._rpc.start()
+        return self._rpc.endpoint
 
     def their_options(self, profile: str) -> list[str]:
         """llama-server's options beyond ``-m FILE --port P``."""

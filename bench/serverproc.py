@@ -143,3 +143,33 @@ def pinned_options(n_ctx: int, n_threads: int) -> list[str]:
     """llama-server options matching the in-process side: threads, context, CPU only, one slot."""
     return ["--host", "127.0.0.1", "-t", str(n_threads), "-tb", str(n_threads), "-c", str(n_ctx), "-ngl", "0",
             "-np", "1", "--no-webui"]
+
+
+class RpcWorkerProcess(ServerProcess):
+    """``rpc_worker.py`` with its defaults on a free loopback port: a box lending its CPU, simulated."""
+
+    def __init__(self, log_path: Path) -> None:
+        super().__init__(config=log_path, log_path=log_path)
+        self.endpoint = f"127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(ROOT / "rpc_worker.py"), "--host", "127.0.0.1", "--port", str(self.port)]
+
+    def start(self) -> str:
+        """Start it and wait until it answers the RPC handshake; returns its endpoint."""
+        from engine.ggml_rpc import RpcError, probe  # the server's own handshake, imported only here
+
+        with self.log_path.open("wb") as log_file:
+            self._process = subprocess.Popen(self.command(), cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                probe(self.endpoint, 2.0)
+                log.info("rpc_worker started pid=%d endpoint=%s", self._process.pid, self.endpoint)
+                return self.endpoint
+            except RpcError:
+                if self._process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise BenchError(f"rpc_worker did not start:\n{self.log_tail()}") from None
+                time.sleep(0.05)

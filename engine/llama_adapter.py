@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import random
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -57,6 +58,10 @@ class LoadError(RuntimeError):
     """llama.cpp could not load the model; the message is its own last complaint."""
 
 
+# llama.cpp's loader names each buffer it put weights in: CPU_Mapped, RPC0[host:port], CUDA0...
+_MODEL_BUFFER = re.compile(r"(\S+) model buffer size = +([0-9.]+) MiB")
+
+
 class NativeLog:
     """Routes llama.cpp's log lines to ``sink(level, text)`` and remembers the last complaints.
 
@@ -66,6 +71,7 @@ class NativeLog:
     def __init__(self, sink: Callable[[int, str], None]) -> None:
         self.sink = sink
         self.complaints: deque[str] = deque(maxlen=8)
+        self.model_buffers: dict[str, int] = {}  # the loader's "<buffer> model buffer size" lines
         self._last_level = logging.DEBUG
         self._callback = llama_cpp.llama_log_callback(self._on_log)
         llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
@@ -79,6 +85,8 @@ class NativeLog:
                 return
             if mapped >= logging.WARNING:
                 self.complaints.append(message)
+            elif (found := _MODEL_BUFFER.search(message)) is not None:
+                self.model_buffers[found[1]] = round(float(found[2]) * 2**20)
             self.sink(mapped, message)
         except Exception:  # an exception must never cross into C
             pass
@@ -173,6 +181,7 @@ class LoadedModel:
             size = min(options.n_ctx, EMBEDDING_BATCH) if options.n_ctx else EMBEDDING_BATCH
             kwargs.update(n_batch=size, n_ubatch=size)
         native_log.complaints.clear()
+        native_log.model_buffers.clear()
         try:
             with _load_hooks(options, on_progress):
                 llama = llama_cpp.Llama(model_path=path, **kwargs)
@@ -199,7 +208,8 @@ class LoadedModel:
             metadata=metadata, add_eos=bool(llama_cpp.llama_vocab_get_add_eos(self._vocab)),
             add_sep=bool(llama_cpp.llama_vocab_get_add_sep(self._vocab)),
             sep_token=int(llama_cpp.llama_vocab_sep(self._vocab)),
-            n_cls_out=(int(llama_cpp.llama_model_n_cls_out(model.model)) if self.is_reranker else 0))
+            n_cls_out=(int(llama_cpp.llama_model_n_cls_out(model.model)) if self.is_reranker else 0),
+            devices=dict(self.native_log.model_buffers))
 
     @property
     def is_reranker(self) -> bool:

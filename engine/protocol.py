@@ -61,6 +61,8 @@ class ModelOptions:
     parallel: int = 4  # sequences decoded together (slots)
     prompt_cache_bytes: int = 128 * 2**20  # RAM for the KV state of conversations pushed out of a slot
     extra: dict[str, Any] = field(default_factory=dict)  # more llama_cpp.Llama arguments
+    rpc_servers: tuple[str, ...] = ()  # host:port of ggml RPC servers to place layers on
+    rpc_timeout: float = 5.0  # seconds for each RPC server's connection and handshake
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,9 @@ class ModelInfo:
     add_sep: bool = False  # a pair is <bos> a <eos> <sep> b <eos> (RoBERTa-style rerankers)
     sep_token: int = -1
     n_cls_out: int = 0  # a reranker's scores per input (pooling type rank), else 0
+    # Where the weights went: llama.cpp's buffer name (``CPU_Mapped``, ``RPC0[host:port]``,
+    # ``CUDA0``...) and its bytes, as its loader reported them.
+    devices: dict[str, int] = field(default_factory=dict)
 
 
 # ---- parent to worker ----

@@ -22,6 +22,7 @@ workers is the server's decision.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -33,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from engine import ggml_rpc
 from engine import protocol as p
 from engine.llama_adapter import LoadedModel, LoadError, NativeLog
 from engine.scheduler import Scheduler
@@ -134,8 +136,10 @@ class WorkerLoop:
                 self.channel.send(p.Progress(message.id, fraction))
 
         try:
+            if message.options.rpc_servers:
+                self._connect_rpc(message.options)
             self.model = LoadedModel.load(message.path, message.options, self.native_log, progress)
-        except LoadError as exc:
+        except (LoadError, ggml_rpc.RpcError) as exc:
             self.channel.send(p.LoadFailed(message.id, str(exc)))
             return False
         if not message.options.embedding:
@@ -143,6 +147,12 @@ class WorkerLoop:
                                        message.options.prompt_cache_bytes)
         self.channel.send(p.Loaded(message.id, self.model.info()))
         return True
+
+    def _connect_rpc(self, options: p.ModelOptions) -> None:
+        """Make the RPC servers ggml devices, so the load places layers on them."""
+        for device in ggml_rpc.connect(options.rpc_servers, options.rpc_timeout):
+            self.channel.send(p.Log(logging.INFO, f"RPC device {device.name} at {device.description}: "
+                                                  f"{device.free / 2**20:.0f} of {device.total / 2**20:.0f} MiB free"))
 
     def _refuse_before_load(self, message: Any) -> None:
         request_id = getattr(message, "id", None)

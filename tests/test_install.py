@@ -22,7 +22,9 @@ from config import CONFIG_ENV, ENV_KEYS, ManagerSettings
 
 TIMEOUT = 30  # every install.sh run is bounded by this
 UNIT_NAME = "llama-cpp-server.service"
-PROJECT_FILES = ["install.sh", UNIT_NAME, ".env.example", "scripts", "requirements.txt", "config.json"]
+RPC_UNIT_NAME = "llama-cpp-rpc-worker.service"
+PROJECT_FILES = ["install.sh", UNIT_NAME, RPC_UNIT_NAME, ".env.example", "scripts", "requirements.txt",
+                 "config.json"]
 JOURNAL_COMMAND = "journalctl --user -u llama-cpp-server -f"
 
 SYSTEMCTL_STUB = """#!/bin/sh
@@ -47,13 +49,13 @@ class Installer:
     def unit(self) -> Path:
         return self.home / ".config" / "systemd" / "user" / UNIT_NAME
 
+    @property
+    def rpc_unit(self) -> Path:
+        return self.home / ".config" / "systemd" / "user" / RPC_UNIT_NAME
+
     def run(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(self.project / "install.sh"), *args], env={**self.env, **env},
                               capture_output=True, text=True, timeout=TIMEOUT, check=False)
-
-    def dry_run_venv(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """``--dry-run`` with the venv step on: prints the build commands, runs none."""
-        return self.run("--dry-run", *args, LLAMA_SERVER_SKIP_VENV="", PYTHON=sys.executable)
 
     def calls(self) -> list[str]:
         """The systemctl calls so far, ``show-environment`` probes left out."""
@@ -73,6 +75,7 @@ def installer(tmp_path: Path) -> Installer:
         else:
             shutil.copy2(source, project / name)
     (project / "server.py").touch()
+    (project / "rpc_worker.py").touch()
     python = project / ".venv" / "bin" / "python"  # what ExecStart names; systemd-analyze checks it
     python.parent.mkdir(parents=True)
     python.write_text("#!/bin/sh\n")
@@ -217,37 +220,64 @@ def test_help_prints_usage(installer: Installer) -> None:
 
 @pytest.mark.parametrize(("flag", "cmake"), [("--cuda", "-DGGML_CUDA=on"), ("--vulkan", "-DGGML_VULKAN=on"),
                                              ("--metal", "-DGGML_METAL=on")])
-def test_gpu_flag_sets_cmake_args_for_a_build_free_of_pip_cache(installer: Installer, flag: str,
-                                                                cmake: str) -> None:
+def test_gpu_flag_builds_with_rpc_and_that_backend(installer: Installer, tmp_path: Path, flag: str,
+                                                  cmake: str) -> None:
     shutil.rmtree(installer.project / ".venv")
-    result = installer.dry_run_venv(flag)
+    result = installer.run("--dry-run", flag, LLAMA_SERVER_SKIP_VENV="", PYTHON=sys.executable,
+                           LLAMA_SERVER_WHEELS=str(tmp_path / "wheels"))
     assert result.returncode == 0, result.stderr
-    assert f"would run: env CMAKE_ARGS={cmake} PIP_NO_CACHE_DIR=1 scripts/setup-venv.sh requirements.txt" \
-        in result.stdout
+    assert f"would build from source into {tmp_path / 'wheels'}/0.3.36-" in result.stdout
+    assert f"(CMAKE_ARGS=-DGGML_RPC=on {cmake})" in result.stdout
+    assert f"would run: env CMAKE_ARGS={cmake} scripts/setup-venv.sh requirements.txt" in result.stdout
     assert not (installer.project / ".venv").exists()
     assert not (installer.project / ".env").exists()
     assert not installer.unit.exists()
     assert installer.calls() == []
 
 
+def test_build_is_kept_without_flags_and_redone_with_other_ones(installer: Installer, tmp_path: Path) -> None:
+    """The installed build's options are recorded; a plain run keeps them, other options rebuild,
+    and a wheel built before with the same options is reused instead of compiled again."""
+    wheels = tmp_path / "wheels"
 
-def test_gpu_flag_rebuilds_only_a_build_made_with_other_args(installer: Installer, tmp_path: Path) -> None:
-    site = tmp_path / "site"  # llama-cpp-python as the project's .venv/bin/python will find it
-    dist = site / "llama_cpp_python-0.3.36.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: llama-cpp-python\nVersion: 0.3.36\n")
-    (installer.project / ".venv" / "bin" / "python").write_text(
-        f'#!/bin/sh\nPYTHONPATH={site} exec {sys.executable} "$@"\n')
-    record = installer.project / ".venv" / ".llama-cmake-args"
-    record.write_text("-DGGML_VULKAN=on\n")
-    rebuild = "pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python=="
-    assert rebuild in installer.dry_run_venv("--cuda").stdout
-    assert rebuild not in installer.dry_run_venv().stdout  # no flag: the build stays as it is
-    record.write_text("-DGGML_CUDA=on\n")
-    result = installer.dry_run_venv("--cuda")
+    def dry_run(*args: str) -> str:
+        result = installer.run("--dry-run", *args, LLAMA_SERVER_SKIP_VENV="", PYTHON=sys.executable,
+                               LLAMA_SERVER_WHEELS=str(wheels))
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    out = dry_run()
+    assert "would build from source" in out and "(CMAKE_ARGS=-DGGML_RPC=on)" in out
+    key = out.split(f"{wheels}/")[1].split()[0]
+    (installer.project / ".venv" / ".llama-build").write_text(key + "\n")
+    (installer.project / ".venv" / ".llama-cmake-args").write_text("\n")
+    assert "installed build kept (CMAKE_ARGS=-DGGML_RPC=on)" in dry_run()
+    out = dry_run("--cuda")
+    assert "would build from source" in out and "(CMAKE_ARGS=-DGGML_RPC=on -DGGML_CUDA=on)" in out
+    cuda_key = out.split(f"{wheels}/")[1].split()[0]
+    (wheels / cuda_key).mkdir(parents=True)
+    (wheels / cuda_key / "llama_cpp_python-0.3.36-cp311-cp311-linux_x86_64.whl").touch()
+    assert "would install the cached build" in dry_run("--cuda")
+    (installer.project / ".venv" / ".llama-build").write_text(cuda_key + "\n")
+    (installer.project / ".venv" / ".llama-cmake-args").write_text("-DGGML_CUDA=on\n")
+    assert "installed build kept (CMAKE_ARGS=-DGGML_RPC=on -DGGML_CUDA=on)" in dry_run()  # no flag: kept
+
+
+def test_rpc_worker_installs_its_own_unit_and_uninstalls_it(installer: Installer) -> None:
+    result = installer.run("--rpc-worker")
     assert result.returncode == 0, result.stderr
-    assert rebuild not in result.stdout
-    assert "would run: env CMAKE_ARGS=-DGGML_CUDA=on scripts/setup-venv.sh requirements.txt" in result.stdout
+    unit = installer.rpc_unit.read_text()
+    assert f"ExecStart={installer.project}/.venv/bin/python {installer.project}/rpc_worker.py\n" in unit
+    assert f"EnvironmentFile=-{installer.project}/.env\n" in unit
+    assert not installer.unit.exists()  # the server's unit is not this box's business
+    assert installer.calls() == ["--user daemon-reload", f"--user try-restart {RPC_UNIT_NAME}",
+                                 f"--user enable --now {RPC_UNIT_NAME}"]
+    assert "no authentication" in result.stdout
+    installer.log.unlink()
+    result = installer.run("--rpc-worker", "--uninstall")
+    assert result.returncode == 0, result.stderr
+    assert not installer.rpc_unit.exists()
+    assert installer.calls() == [f"--user disable --now {RPC_UNIT_NAME}", "--user daemon-reload"]
 
 
 def test_path_needing_unit_escapes_is_refused(installer: Installer, tmp_path: Path) -> None:
@@ -280,18 +310,20 @@ def test_install_sh_parses() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_rendered_unit_passes_systemd_analyze_verify(installer: Installer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("rpc_worker", [False, True], ids=["server", "rpc-worker"])
+def test_rendered_unit_passes_systemd_analyze_verify(installer: Installer, tmp_path: Path, rpc_worker: bool) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed (Debian/Ubuntu: apt install systemd)")
-    assert installer.run().returncode == 0
+    assert installer.run(*(["--rpc-worker"] if rpc_worker else [])).returncode == 0
+    unit = installer.rpc_unit if rpc_worker else installer.unit
     runtime = tmp_path / "runtime"  # --user needs a runtime dir; none exists without a login session
     runtime.mkdir(mode=0o700)
     env = {**installer.env, "XDG_RUNTIME_DIR": str(runtime)}
-    result = subprocess.run([analyze, "--user", "verify", str(installer.unit)], env=env, capture_output=True,
+    result = subprocess.run([analyze, "--user", "verify", str(unit)], env=env, capture_output=True,
                             text=True, timeout=TIMEOUT, check=False)
     if "Failed to initialize manager" in result.stderr:  # some containers refuse a user manager
-        result = subprocess.run([analyze, "verify", str(installer.unit)], env=env, capture_output=True,
+        result = subprocess.run([analyze, "verify", str(unit)], env=env, capture_output=True,
                                 text=True, timeout=TIMEOUT, check=False)
     # verify exits 0 on ignored bad lines and only prints them: any output is a problem.
     assert (result.returncode, result.stdout + result.stderr) == (0, "")

@@ -1,0 +1,257 @@
+"""One model split across machines with llama.cpp's RPC backend, on loopback.
+
+Real ``rpc_worker.py`` processes lend their CPU; real workers load real models with
+``rpc_servers`` and put their layers there. What is checked: the layers went to the RPC
+devices (the loader's own buffer report, in the listings and /metrics), greedy output is the
+same as a local load, a bad endpoint fails the load quickly with its name, and a worker that
+vanishes mid-stream fails that model's requests and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from conftest import JOIN_TIMEOUT, ROOT, LiveServer, sse_events, start_live_server
+from gguf_factory import write_llama_model
+
+from config import ConfigError, load_settings
+from engine import ggml_rpc
+
+pytestmark = pytest.mark.skipif(not ggml_rpc.supported(), reason="llama-cpp-python was built without GGML_RPC "
+                                "(scripts/setup-venv.sh builds it with the RPC backend)")
+
+PROMPT = "Once upon a time"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RpcWorker:
+    """``rpc_worker.py`` in its own process on a free loopback port."""
+
+    def __init__(self, log: Path) -> None:
+        self.endpoint = f"127.0.0.1:{free_port()}"
+        host, port = self.endpoint.split(":")
+        self.log = log
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "rpc_worker.py"), "--host", host, "--port", port, "--threads", "1"],
+            stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + JOIN_TIMEOUT
+        while True:
+            try:
+                ggml_rpc.probe(self.endpoint, 1.0)
+                return
+            except ggml_rpc.RpcError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"rpc_worker did not start: {log.read_text()}") from None
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(JOIN_TIMEOUT)
+
+
+@pytest.fixture
+def rpc_workers(tmp_path: Path) -> Iterator[Callable[[], RpcWorker]]:
+    started: list[RpcWorker] = []
+
+    def start() -> RpcWorker:
+        worker = RpcWorker(tmp_path / f"rpc-{len(started)}.log")
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.kill()
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
+    started: list[LiveServer] = []
+
+    def start(models_dir: Path, **kwargs: Any) -> LiveServer:
+        live = start_live_server(models_dir, **kwargs)
+        started.append(live)
+        return live
+
+    yield start
+    for live in started:
+        live._stop()
+
+
+def greedy(server: LiveServer, model: str, max_tokens: int = 40) -> str:
+    response = server.post("/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": max_tokens,
+                                                "temperature": 0})
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["text"]
+
+
+def rpc_bytes(view: dict[str, Any], endpoint: str) -> int:
+    """Bytes of weights the loader put on ``endpoint``'s devices, by its own report."""
+    return sum(size for name, size in (view["devices"] or {}).items() if name.endswith(f"[{endpoint}]"))
+
+
+def test_split_model_puts_its_layers_on_the_rpc_worker_and_answers_as_the_local_one(
+        tmp_path: Path, stories_path: Path, rpc_workers: Callable[[], RpcWorker],
+        servers: Callable[..., LiveServer]) -> None:
+    worker = rpc_workers()
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(stories_path, models / "split.gguf")
+    shutil.copy(stories_path, models / "local.gguf")
+    server = servers(models, manager={"rpc_servers": [worker.endpoint], "n_gpu_layers": -1},
+                     models={"local": {"rpc_servers": []}})
+
+    assert greedy(server, "split") == greedy(server, "local")
+    split, local = server.model_view("split"), server.model_view("local")
+    assert split["rpc_servers"] == [worker.endpoint] and local["rpc_servers"] == []
+    # stories260K is ~1.1 MB of F32 weights: nearly all of them must have gone to the worker.
+    assert rpc_bytes(split, worker.endpoint) > 0.8 * split["size_bytes"], split["devices"]
+    assert not any("RPC" in name for name in local["devices"]), local["devices"]
+    metrics = server.get("/metrics").text
+    assert f'llama_server_model_device_bytes{{device="RPC0[{worker.endpoint}]",model="split"}}' in metrics
+    loaded = [e for e in server.manager.events.history() if e["event"] == "loaded" and e["model"] == "split"]
+    assert rpc_bytes(loaded[-1], worker.endpoint) > 0
+
+    # Unloading frees the worker for the next client: the same model loads there again.
+    assert server.post("/admin/unload", {"model": "split"}).status_code == 200
+    assert greedy(server, "split", 8) == greedy(server, "local", 8)
+
+
+def test_generated_model_spreads_over_two_workers_with_the_same_output(
+        tmp_path: Path, rpc_workers: Callable[[], RpcWorker], servers: Callable[..., LiveServer]) -> None:
+    first, second = rpc_workers(), rpc_workers()
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("split", "local"):
+        write_llama_model(models / f"{name}.gguf", n_layer=4, seed=7)
+    server = servers(models, models={"split": {"rpc_servers": [first.endpoint, second.endpoint],
+                                               "n_gpu_layers": -1}})
+
+    assert greedy(server, "split", 24) == greedy(server, "local", 24)
+    split = server.model_view("split")
+    assert rpc_bytes(split, first.endpoint) > 0 and rpc_bytes(split, second.endpoint) > 0, split["devices"]
+
+
+def silent_listener() -> Iterator[str]:
+    """A port that accepts connections (the kernel's backlog) and never says a word."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture
+def silent_endpoint() -> Iterator[str]:
+    yield from silent_listener()
+
+
+def test_unusable_endpoints_fail_the_load_with_their_name_and_nothing_else(
+        tmp_path: Path, silent_endpoint: str, rpc_workers: Callable[[], RpcWorker],
+        servers: Callable[..., LiveServer]) -> None:
+    busy = rpc_workers()
+    closed = f"127.0.0.1:{free_port()}"
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("refused", "silent", "first", "second", "local"):
+        write_llama_model(models / f"{name}.gguf", seed=3)
+    server = servers(models, manager={"rpc_timeout": 0.5},
+                     models={"refused": {"rpc_servers": [closed]}, "silent": {"rpc_servers": [silent_endpoint]},
+                             "first": {"rpc_servers": [busy.endpoint]}, "second": {"rpc_servers": [busy.endpoint]}})
+
+    cases = {"refused": (closed, "unreachable"), "silent": (silent_endpoint, "did not answer within 0.5 s"),
+             "second": (busy.endpoint, "busy with another client")}
+    assert greedy(server, "first", 4)  # holds the only connection the RPC worker serves
+    for model, (endpoint, reason) in cases.items():
+        response = server.post("/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": 4})
+        error = response.json()["error"]
+        assert response.status_code == 500 and error["code"] == "model_load_failed", response.text
+        assert endpoint in error["message"] and reason in error["message"], error
+        assert server.model_view(model)["state"] == "failed"
+    assert greedy(server, "local", 4) and greedy(server, "first", 4)  # everyone else is untouched
+
+
+def test_rpc_worker_killed_mid_stream_fails_that_model_only(
+        tmp_path: Path, rpc_workers: Callable[[], RpcWorker], servers: Callable[..., LiveServer]) -> None:
+    worker = rpc_workers()
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("split", "local"):
+        write_llama_model(models / f"{name}.gguf", seed=5)
+    server = servers(models, models={"split": {"rpc_servers": [worker.endpoint], "n_gpu_layers": -1}})
+    greedy(server, "split", 2)
+    server.loader.token_delay = 0.05  # a long stream, so the kill lands in its middle
+    body = {"model": "split", "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    response = requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=JOIN_TIMEOUT)
+    events = sse_events(response)
+    assert "choices" in next(events)
+    worker.kill()
+    rest = list(events)
+    assert rest[-1] == "[DONE]" and "error" in rest[-2], rest[-3:]
+    error = rest[-2]["error"]
+    assert error["code"] == "model_crashed" and "split" in error["message"], error
+    server.wait_for(lambda: server.model_view("split")["state"] == "failed")
+    server.loader.token_delay = 0
+    assert greedy(server, "local", 4)
+    assert server.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("endpoints", [["localhost"], ["host:0"], ["host:99999"], ["[::1]:50052"],
+                                       ["a:1", "a:1"], [f"h:{port}" for port in range(1, 18)]])
+def test_bad_rpc_servers_setting_is_a_config_error(endpoints: list[str]) -> None:
+    with pytest.raises(ConfigError, match="rpc_servers"):
+        load_settings(None, {"model_manager": {"rpc_servers": endpoints}}, environ={})
+    with pytest.raises(ConfigError, match="rpc_servers"):
+        load_settings(None, {"models": {"m": {"rpc_servers": endpoints}}}, environ={})
+
+
+def test_rpc_servers_from_the_environment() -> None:
+    settings = load_settings(None, environ={"LLAMA_SERVER_RPC_SERVERS": "10.0.0.2:50052, box:50053"})
+    assert settings.model_manager.rpc_servers == ["10.0.0.2:50052", "box:50053"]
+
+
+def test_handshake_refuses_a_server_that_is_not_ggml_rpc() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        endpoint = f"127.0.0.1:{listener.getsockname()[1]}"
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(64)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n" + bytes(40))
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        with pytest.raises(ggml_rpc.RpcError, match="not as a ggml RPC server"):
+            ggml_rpc.probe(endpoint, 5)
+        thread.join(JOIN_TIMEOUT)
+
+
+@pytest.mark.parametrize("args", [["--port", "0"], ["--host", "::1"], ["--threads", "0"]])
+def test_rpc_worker_refuses_bad_arguments(args: list[str]) -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "rpc_worker.py"), *args], capture_output=True, text=True,
+                            timeout=JOIN_TIMEOUT, check=False, cwd=ROOT)
+    assert result.returncode == 2 and "rpc_worker.py: error" in result.stderr
+
+
+def test_rpc_worker_stops_on_sigterm(rpc_workers: Callable[[], RpcWorker]) -> None:
+    worker = rpc_workers()
+    os.kill(worker.process.pid, signal.SIGTERM)
+    assert worker.process.wait(JOIN_TIMEOUT) == -signal.SIGTERM
