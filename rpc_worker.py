@@ -28,8 +28,9 @@ def parse_args(argv: list[str], environ: dict[str, str] | os._Environ[str] = os.
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default=environ.get("LLAMA_RPC_HOST", "127.0.0.1"),
                         help="address to listen on (default 127.0.0.1; the protocol has no authentication)")
-    parser.add_argument("--port", type=int, default=int(environ.get("LLAMA_RPC_PORT", DEFAULT_PORT)))
-    parser.add_argument("--threads", type=int, default=int(environ.get("LLAMA_RPC_THREADS", 0)) or None,
+    # String defaults go through ``type`` like the command line, so a bad variable is a usage error.
+    parser.add_argument("--port", type=int, default=environ.get("LLAMA_RPC_PORT", str(DEFAULT_PORT)))
+    parser.add_argument("--threads", type=int, default=environ.get("LLAMA_RPC_THREADS") or None,
                         help="CPU compute threads (default: one per physical core)")
     parser.add_argument("--cache", default=environ.get("LLAMA_RPC_CACHE") or None,
                         help="folder where received weights are kept by hash, so a model reloads without "

@@ -244,10 +244,12 @@ def test_handshake_refuses_a_server_that_is_not_ggml_rpc() -> None:
         thread.join(JOIN_TIMEOUT)
 
 
-@pytest.mark.parametrize("args", [["--port", "0"], ["--host", "::1"], ["--threads", "0"]])
-def test_rpc_worker_refuses_bad_arguments(args: list[str]) -> None:
+@pytest.mark.parametrize(("args", "environ"), [(["--port", "0"], {}), (["--host", "::1"], {}),
+                                              (["--threads", "0"], {}), ([], {"LLAMA_RPC_PORT": "http"}),
+                                              ([], {"LLAMA_RPC_THREADS": "many"})])
+def test_rpc_worker_refuses_bad_arguments(args: list[str], environ: dict[str, str]) -> None:
     result = subprocess.run([sys.executable, str(ROOT / "rpc_worker.py"), *args], capture_output=True, text=True,
-                            timeout=JOIN_TIMEOUT, check=False, cwd=ROOT)
+                            timeout=JOIN_TIMEOUT, check=False, cwd=ROOT, env={**os.environ, **environ})
     assert result.returncode == 2 and "rpc_worker.py: error" in result.stderr
 
 
