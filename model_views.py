@@ -45,20 +45,24 @@ def model_view(file: ModelFile, model: ModelSettings, generate: InstanceSnapshot
     level and its embedding instance's (if any) under ``embeddings``.
 
     ``root``: show the path relative to it (the models folder), for callers who may not
-    learn the server's layout. ``rpc_servers``: the RPC servers its loads use.
+    learn the server's layout; they do not see the RPC servers either (addresses of a protocol
+    without authentication). ``rpc_servers``: the RPC servers its loads use.
     """
-    path = _relative(file.path, root) if root is not None else str(file.path)
+    public = root is not None
+    path = _relative(file.path, root) if public else str(file.path)
     view: dict[str, Any] = {"id": file.id, "aliases": list(model.aliases), "path": path,
-                            "size_bytes": file.size, "created": file.created, "pinned": model.pinned,
-                            "rpc_servers": list(rpc_servers or [])}
-    view.update(instance_view(generate))
+                            "size_bytes": file.size, "created": file.created, "pinned": model.pinned}
+    if not public:
+        view["rpc_servers"] = list(rpc_servers or [])
+    view.update(instance_view(generate, public))
     if embed is not None:
-        view["embeddings"] = instance_view(embed)
+        view["embeddings"] = instance_view(embed, public)
     return view
 
 
-def instance_view(seen: InstanceSnapshot) -> dict[str, Any]:
-    """An instance's live state: leases, idle time and expiry (wall clock), load facts."""
+def instance_view(seen: InstanceSnapshot, public: bool = False) -> dict[str, Any]:
+    """An instance's live state: leases, idle time and expiry (wall clock), load facts.
+    ``public``: without the devices, whose names carry RPC servers' addresses."""
     loaded = seen.state is ModelState.LOADED
     idle = loaded and not seen.leases
     last_used = seen.wall - (seen.now - seen.last_used) if seen.last_used else None
@@ -79,6 +83,8 @@ def instance_view(seen: InstanceSnapshot) -> dict[str, Any]:
         "devices": seen.devices if loaded else None,
         "error": seen.error,
     }
+    if public:
+        del view["devices"]
     if seen.state is ModelState.LOADING:
         view["progress"] = round(seen.progress, 3)
     return view

@@ -257,3 +257,23 @@ def test_rpc_worker_stops_on_sigterm(rpc_workers: Callable[[], RpcWorker]) -> No
     worker = rpc_workers()
     os.kill(worker.process.pid, signal.SIGTERM)
     assert worker.process.wait(JOIN_TIMEOUT) == -signal.SIGTERM
+
+
+def test_public_health_hides_rpc_addresses(tmp_path: Path, servers: Callable[..., LiveServer]) -> None:
+    """RPC servers take anyone's work: without an admin key, /health names neither them nor devices."""
+    models = tmp_path / "models"
+    models.mkdir()
+    write_llama_model(models / "local.gguf", seed=3)
+    write_llama_model(models / "split.gguf", seed=4)
+    server = servers(models, server={"api_keys": ["user"], "admin_api_keys": ["admin"]},
+                     models={"split": {"rpc_servers": ["10.0.0.9:50052"]}})
+    admin = {"Authorization": "Bearer admin"}
+    assert server.post("/v1/completions", {"model": "local", "prompt": "Hi", "max_tokens": 1},
+                       headers={"Authorization": "Bearer user"}).status_code == 200
+
+    def views(**kwargs: Any) -> dict[str, Any]:
+        return {m["id"]: m for m in server.get("/health", **kwargs).json()["models"]}
+
+    public, private = views(), views(headers=admin)
+    assert "rpc_servers" not in public["split"] and "devices" not in public["local"]
+    assert private["split"]["rpc_servers"] == ["10.0.0.9:50052"] and private["local"]["devices"]
