@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import JOIN_TIMEOUT, ROOT, LiveServer, sse_events, start_live_server
+from conftest import JOIN_TIMEOUT, ROOT, LiveServer, sse_events
 from gguf_factory import write_llama_model
 
 from config import ConfigError, load_settings
@@ -80,20 +80,6 @@ def rpc_workers(tmp_path: Path) -> Iterator[Callable[[], RpcWorker]]:
         worker.kill()
 
 
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
-    started: list[LiveServer] = []
-
-    def start(models_dir: Path, **kwargs: Any) -> LiveServer:
-        live = start_live_server(models_dir, **kwargs)
-        started.append(live)
-        return live
-
-    yield start
-    for live in started:
-        live._stop()
-
-
 def greedy(server: LiveServer, model: str, max_tokens: int = 40) -> str:
     response = server.post("/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": max_tokens,
                                                 "temperature": 0})
@@ -107,14 +93,12 @@ def rpc_bytes(view: dict[str, Any], endpoint: str) -> int:
 
 
 def test_split_model_puts_its_layers_on_the_rpc_worker_and_answers_as_the_local_one(
-        tmp_path: Path, stories_path: Path, rpc_workers: Callable[[], RpcWorker],
-        servers: Callable[..., LiveServer]) -> None:
+        models_dir: Path, stories_path: Path, rpc_workers: Callable[[], RpcWorker],
+        make_server: Callable[..., LiveServer]) -> None:
     worker = rpc_workers()
-    models = tmp_path / "models"
-    models.mkdir()
-    shutil.copy(stories_path, models / "split.gguf")
-    shutil.copy(stories_path, models / "local.gguf")
-    server = servers(models, manager={"rpc_servers": [worker.endpoint], "n_gpu_layers": -1},
+    shutil.copy(stories_path, models_dir / "split.gguf")
+    shutil.copy(stories_path, models_dir / "local.gguf")
+    server = make_server(manager={"rpc_servers": [worker.endpoint], "n_gpu_layers": -1},
                      models={"local": {"rpc_servers": []}})
 
     assert greedy(server, "split") == greedy(server, "local")
@@ -134,13 +118,11 @@ def test_split_model_puts_its_layers_on_the_rpc_worker_and_answers_as_the_local_
 
 
 def test_generated_model_spreads_over_two_workers_with_the_same_output(
-        tmp_path: Path, rpc_workers: Callable[[], RpcWorker], servers: Callable[..., LiveServer]) -> None:
+        models_dir: Path, rpc_workers: Callable[[], RpcWorker], make_server: Callable[..., LiveServer]) -> None:
     first, second = rpc_workers(), rpc_workers()
-    models = tmp_path / "models"
-    models.mkdir()
     for name in ("split", "local"):
-        write_llama_model(models / f"{name}.gguf", n_layer=4, seed=7)
-    server = servers(models, models={"split": {"rpc_servers": [first.endpoint, second.endpoint],
+        write_llama_model(models_dir / f"{name}.gguf", n_layer=4, seed=7)
+    server = make_server(models={"split": {"rpc_servers": [first.endpoint, second.endpoint],
                                                "n_gpu_layers": -1}})
 
     assert greedy(server, "split", 24) == greedy(server, "local", 24)
@@ -162,15 +144,13 @@ def silent_endpoint() -> Iterator[str]:
 
 
 def test_unusable_endpoints_fail_the_load_with_their_name_and_nothing_else(
-        tmp_path: Path, silent_endpoint: str, rpc_workers: Callable[[], RpcWorker],
-        servers: Callable[..., LiveServer]) -> None:
+        models_dir: Path, silent_endpoint: str, rpc_workers: Callable[[], RpcWorker],
+        make_server: Callable[..., LiveServer]) -> None:
     busy = rpc_workers()
     closed = f"127.0.0.1:{free_port()}"
-    models = tmp_path / "models"
-    models.mkdir()
     for name in ("refused", "silent", "first", "second", "local"):
-        write_llama_model(models / f"{name}.gguf", seed=3)
-    server = servers(models, manager={"rpc_timeout": 0.5},
+        write_llama_model(models_dir / f"{name}.gguf", seed=3)
+    server = make_server(manager={"rpc_timeout": 0.5},
                      models={"refused": {"rpc_servers": [closed]}, "silent": {"rpc_servers": [silent_endpoint]},
                              "first": {"rpc_servers": [busy.endpoint]}, "second": {"rpc_servers": [busy.endpoint]}})
 
@@ -187,13 +167,11 @@ def test_unusable_endpoints_fail_the_load_with_their_name_and_nothing_else(
 
 
 def test_rpc_worker_killed_mid_stream_fails_that_model_only(
-        tmp_path: Path, rpc_workers: Callable[[], RpcWorker], servers: Callable[..., LiveServer]) -> None:
+        models_dir: Path, rpc_workers: Callable[[], RpcWorker], make_server: Callable[..., LiveServer]) -> None:
     worker = rpc_workers()
-    models = tmp_path / "models"
-    models.mkdir()
     for name in ("split", "local"):
-        write_llama_model(models / f"{name}.gguf", seed=5)
-    server = servers(models, models={"split": {"rpc_servers": [worker.endpoint], "n_gpu_layers": -1}})
+        write_llama_model(models_dir / f"{name}.gguf", seed=5)
+    server = make_server(models={"split": {"rpc_servers": [worker.endpoint], "n_gpu_layers": -1}})
     greedy(server, "split", 2)
     server.loader.token_delay = 0.05  # a long stream, so the kill lands in its middle
     body = {"model": "split", "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True}
@@ -259,13 +237,11 @@ def test_rpc_worker_stops_on_sigterm(rpc_workers: Callable[[], RpcWorker]) -> No
     assert worker.process.wait(JOIN_TIMEOUT) == -signal.SIGTERM
 
 
-def test_public_health_hides_rpc_addresses(tmp_path: Path, servers: Callable[..., LiveServer]) -> None:
+def test_public_health_hides_rpc_addresses(models_dir: Path, make_server: Callable[..., LiveServer]) -> None:
     """RPC servers take anyone's work: without an admin key, /health names neither them nor devices."""
-    models = tmp_path / "models"
-    models.mkdir()
-    write_llama_model(models / "local.gguf", seed=3)
-    write_llama_model(models / "split.gguf", seed=4)
-    server = servers(models, server={"api_keys": ["user"], "admin_api_keys": ["admin"]},
+    write_llama_model(models_dir / "local.gguf", seed=3)
+    write_llama_model(models_dir / "split.gguf", seed=4)
+    server = make_server(server={"api_keys": ["user"], "admin_api_keys": ["admin"]},
                      models={"split": {"rpc_servers": ["10.0.0.9:50052"]}})
     admin = {"Authorization": "Bearer admin"}
     assert server.post("/v1/completions", {"model": "local", "prompt": "Hi", "max_tokens": 1},
