@@ -41,16 +41,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class RpcWorker:
-    """``rpc_worker.py`` in its own process on a free loopback port."""
+# llama.cpp's own RPC server (``ggml-rpc-server``, built with -DGGML_RPC=ON from the llama.cpp
+# that llama-cpp-python vendors), for the interoperability test; without it that test skips.
+LLAMA_RPC_SERVER = os.environ.get("LLAMA_RPC_SERVER_BIN")
 
-    def __init__(self, log: Path) -> None:
+
+class RpcWorker:
+    """``rpc_worker.py`` (or llama.cpp's ``ggml-rpc-server``) in its own process on a free loopback port."""
+
+    def __init__(self, log: Path, binary: str | None = None) -> None:
         self.endpoint = f"127.0.0.1:{free_port()}"
         host, port = self.endpoint.split(":")
         self.log = log
-        self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "rpc_worker.py"), "--host", host, "--port", port, "--threads", "1"],
-            stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
+        command = ([binary, "-H", host, "-p", port, "-t", "1"] if binary else
+                   [sys.executable, str(ROOT / "rpc_worker.py"), "--host", host, "--port", port, "--threads", "1"])
+        self.process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
         deadline = time.monotonic() + JOIN_TIMEOUT
         while True:
             try:
@@ -67,11 +72,11 @@ class RpcWorker:
 
 
 @pytest.fixture
-def rpc_workers(tmp_path: Path) -> Iterator[Callable[[], RpcWorker]]:
+def rpc_workers(tmp_path: Path) -> Iterator[Callable[..., RpcWorker]]:
     started: list[RpcWorker] = []
 
-    def start() -> RpcWorker:
-        worker = RpcWorker(tmp_path / f"rpc-{len(started)}.log")
+    def start(binary: str | None = None) -> RpcWorker:
+        worker = RpcWorker(tmp_path / f"rpc-{len(started)}.log", binary)
         started.append(worker)
         return worker
 
@@ -115,6 +120,18 @@ def test_split_model_puts_its_layers_on_the_rpc_worker_and_answers_as_the_local_
     # Unloading frees the worker for the next client: the same model loads there again.
     assert server.post("/admin/unload", {"model": "split"}).status_code == 200
     assert greedy(server, "split", 8) == greedy(server, "local", 8)
+
+
+@pytest.mark.skipif(not LLAMA_RPC_SERVER, reason="set LLAMA_RPC_SERVER_BIN to llama.cpp's ggml-rpc-server")
+def test_llama_cpp_rpc_server_serves_our_workers(models_dir: Path, stories_path: Path,
+                                                 rpc_workers: Callable[..., RpcWorker],
+                                                 make_server: Callable[..., LiveServer]) -> None:
+    theirs = rpc_workers(LLAMA_RPC_SERVER)
+    shutil.copy(stories_path, models_dir / "split.gguf")
+    shutil.copy(stories_path, models_dir / "local.gguf")
+    server = make_server(models={"split": {"rpc_servers": [theirs.endpoint], "n_gpu_layers": -1}})
+    assert greedy(server, "split") == greedy(server, "local")
+    assert rpc_bytes(server.model_view("split"), theirs.endpoint) > 0
 
 
 def test_generated_model_spreads_over_two_workers_with_the_same_output(
