@@ -659,20 +659,41 @@ class ModelManager:
     def unload(self, name: str, reason: str = "admin", timeout: float | None = None) -> UnloadReport:
         """Unload one model (both modes) or ``"all"``, waiting up to ``timeout`` s for leases."""
         timeout = self.settings.unload_timeout if timeout is None else timeout
-        if name == "all":
-            with self._lock:
-                targets = list(self._instances.values())
-        else:
-            model_id = self.resolve(name)
-            with self._lock:
-                targets = [i for (mid, _), i in self._instances.items() if mid == model_id]
         report = UnloadReport()
         deadline = time.monotonic() + timeout
-        for instance in targets:
+        for instance in self._targets(name):
             outcome = self._unload_instance(instance, reason, max(0.0, deadline - time.monotonic()))
             getattr(report, outcome).append(instance.label)
         self._forget_removed()
         return report
+
+    def unload_after_requests(self, name: str, reason: str = "keep_alive") -> UnloadReport:
+        """Unload ``name`` now if idle, else as soon as its last running request ends (Ollama's
+        ``keep_alive: 0``): its keep_alive becomes 0, which the last lease's release acts on."""
+        report = UnloadReport()
+        for instance in self._targets(name):
+            outcome = self._unload_instance(instance, reason, timeout=0)
+            getattr(report, outcome).append(instance.label)
+            if outcome != "busy":
+                continue
+            with instance.cond:
+                instance.keep_alive = 0
+                # The last request may have ended between the verdict and now, releasing under
+                # the old keep_alive: then nobody else will act on the new one.
+                ended = instance.leases == 0 and instance.state is ModelState.LOADED
+            if ended:
+                self._in_background(self._unload_when_idle, instance, reason)
+        self._forget_removed()
+        return report
+
+    def _targets(self, name: str) -> list[Instance]:
+        """The instances (both modes) of one model, or of every model for ``"all"``."""
+        if name == "all":
+            with self._lock:
+                return list(self._instances.values())
+        model_id = self.resolve(name)
+        with self._lock:
+            return [i for (mid, _), i in self._instances.items() if mid == model_id]
 
     def evict_idle(self) -> list[str]:
         """Unload every unpinned instance idle past its idle timeout with no lease (the idle job)."""

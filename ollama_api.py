@@ -180,9 +180,7 @@ def _embeddings(body: EmbedRequest | EmbeddingsRequest) -> dict[str, Any]:
 def _load_or_unload(reply: Reply, model_id: str, keep_alive: float | None) -> dict[str, Any]:
     manager = app_state().manager
     if keep_alive == 0:
-        if manager.unload(model_id, reason="keep_alive", timeout=0).busy:
-            # Busy: as Ollama, it unloads once its requests end (the latest keep_alive rules).
-            manager.acquire(model_id, keep_alive=0).release()
+        manager.unload_after_requests(model_id)  # as Ollama: a busy model goes once its requests end
         return reply.done("unload")
     manager.load(model_id, keep_alive=keep_alive)
     return reply.done("load")
