@@ -768,6 +768,7 @@ class ModelManager:
                 state=instance.state, leases=instance.leases, generating=instance.generating,
                 last_used=instance.last_used, loaded_at=instance.loaded_at, load_seconds=instance.load_seconds,
                 progress=instance.progress, pid=worker_pid(instance.worker) if loaded else None,
+                slots=_slots(instance.worker) if loaded else None,
                 error=instance.error.message if instance.error else None, estimate=estimate,
                 idle_timeout=timeout, pinned=pinned, now=now, wall=wall)
 
@@ -787,6 +788,11 @@ def _timeout(instance: Instance, configured: float) -> float:
 def _idle_reason(instance: Instance) -> str:
     """Why an idle unload happens: a request's keep_alive set the timeout, or the config did."""
     return "keep_alive" if instance.keep_alive is not None else "idle"
+
+
+def _slots(worker: Any) -> int | None:
+    """How many sequences ``worker`` decodes together (None for a stand-in without model info)."""
+    return getattr(getattr(worker, "info", None), "parallel", None)
 
 
 def _gib(size: int) -> str:
