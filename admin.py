@@ -17,6 +17,7 @@ from config import ConfigError, load_settings
 from errors import InvalidRequest, ModelBusy, TooManyStreams
 from schemas import ModelRequest, parse_body
 from state import app_state
+from system_stats import build_stats
 
 log = logging.getLogger(__name__)
 bp = Blueprint("admin", __name__)
@@ -39,6 +40,18 @@ def admin_models() -> Response:
     """The detailed model listing."""
     state = app_state()
     return jsonify({"models": state.manager.models(), "requests": state.metrics.requests_by_api()})
+
+
+@bp.get("/admin/stats")
+def admin_stats() -> Response:
+    """Memory (machine, budget, each running model's worker), requests in flight, queued and
+    generating, and recent tokens per second and time to first token per model."""
+    state = app_state()
+    body = build_stats(state.manager.models(), state.memory, state.activity,
+                       state.manager.settings.memory_budget)
+    response = jsonify(body)
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 @bp.post("/admin/load")

@@ -157,9 +157,12 @@ def prepare(manager: ModelManager, kind: str, request: _Generation, verdict: Ver
                 raise ContextLengthExceeded(
                     f"This model's context window is {info.n_ctx} tokens; the prompt has {len(tokens)} "
                     "tokens, leaving no room for a completion", param=prompt_param)
+        # Before the generations are submitted: a small model's first token can come back
+        # before the Job exists, and a time to first token is never negative.
+        started = time.monotonic()
         streams = [worker.generate(tokens, _choice_params(params, choice))
                    for tokens in prompts for choice in range(request.n)]
-        return Job(kind, lease, request, prompts, streams, reading, observer, disconnected)
+        return Job(kind, lease, request, prompts, streams, reading, observer, disconnected, started=started)
     except WorkerCrashed as exc:
         lease.release()
         raise lease.crashed(exc) from None

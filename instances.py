@@ -95,3 +95,8 @@ def worker_devices(worker: Any) -> dict[str, int] | None:
     """Where a loaded worker's weights went, by llama.cpp's buffer name (None when unknown)."""
     info = getattr(worker, "info", None)
     return dict(info.devices) if info is not None and getattr(info, "devices", None) else None
+
+
+def worker_slots(worker: Any) -> int | None:
+    """How many sequences ``worker`` decodes together (None for a stand-in without model info)."""
+    return getattr(getattr(worker, "info", None), "parallel", None)

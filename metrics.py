@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from activity import ActivityLog
 from model_manager import ModelManager
 
 PREFIX = "llama_server_"
@@ -43,7 +44,9 @@ def api_of(path: str) -> str:
 class Metrics:
     """The app's metrics and the hooks that feed them."""
 
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(self, manager: ModelManager, activity: ActivityLog | None = None) -> None:
+        """``activity``: also told of every completion (the status page's recent charts)."""
+        self.activity = activity
         self.registry = registry = CollectorRegistry()
         self.requests = Counter(PREFIX + "requests", "HTTP requests", ["api", "endpoint", "method", "status"],
                                 registry=registry)
@@ -94,6 +97,8 @@ class Metrics:
     def observe_completion(self, model: str, prompt_tokens: int, completion_tokens: int,
                            first_token_seconds: float | None, seconds: float) -> None:
         """Record one finished completion."""
+        if self.activity is not None:
+            self.activity.record(model, completion_tokens, first_token_seconds, seconds)
         self.prompt_tokens.labels(model).inc(prompt_tokens)
         self.generated_tokens.labels(model).inc(completion_tokens)
         if first_token_seconds is not None:

@@ -78,7 +78,7 @@ from errors import (
 )
 from events import EventBus
 from gguf_meta import Shape, estimate_bytes, model_shape
-from instances import Instance, Mode, ModelState, worker_devices, worker_pid
+from instances import Instance, Mode, ModelState, worker_devices, worker_pid, worker_slots
 from memory import MemoryProbe
 from model_views import InstanceSnapshot, loaded_ids, model_view
 from registry import NO_SETTINGS, Registry
@@ -793,6 +793,7 @@ class ModelManager:
                 last_used=instance.last_used, loaded_at=instance.loaded_at, load_seconds=instance.load_seconds,
                 progress=instance.progress, pid=worker_pid(instance.worker) if loaded else None,
                 devices=worker_devices(instance.worker) if loaded else None,
+                slots=worker_slots(instance.worker) if loaded else None,
                 error=instance.error.message if instance.error else None, estimate=estimate,
                 idle_timeout=timeout, pinned=pinned, now=now, wall=wall)
 

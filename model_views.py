@@ -30,6 +30,7 @@ class InstanceSnapshot:
     progress: float
     pid: int | None  # its worker's, while loaded
     devices: dict[str, int] | None  # where its weights went (llama.cpp's buffer names), while loaded
+    slots: int | None  # its worker's parallel sequences, while loaded
     error: str | None
     estimate: int
     idle_timeout: float
@@ -72,6 +73,8 @@ def instance_view(seen: InstanceSnapshot, public: bool = False) -> dict[str, Any
         "state": seen.state.value,
         "in_flight": seen.leases,
         "queued": max(0, seen.leases - seen.generating),
+        "generating": seen.generating,
+        "slots": seen.slots if loaded else None,
         "idle_seconds": round(seen.now - seen.last_used, 3) if idle else None,
         "estimated_memory_bytes": seen.estimate,
         "loaded_at": seen.loaded_at,

@@ -32,10 +32,12 @@ import responses_api
 import status_page
 import tasks
 import tokens_api
+from activity import ActivityLog
 from auth import install_auth
 from config import CONFIG_ENV, ConfigError, Settings, load_settings
 from errors import register_error_handlers
 from grammar.checker import GrammarChecker
+from memory import MemoryProbe
 from metrics import Metrics
 from model_manager import Clock, Loader, ModelManager
 from openapi import install_openapi
@@ -46,7 +48,7 @@ from wsgi_server import build_wsgi_server, listen_addresses
 
 log = logging.getLogger("llama_cpp_server")
 
-QUIET_PATHS = ("/health", "/metrics")
+QUIET_PATHS = ("/health", "/metrics", "/admin/stats")  # polled: logged at debug level
 
 
 def create_app(settings: Settings, *, config_path: Path | None = None,
@@ -67,7 +69,9 @@ def create_app(settings: Settings, *, config_path: Path | None = None,
     # The launcher keeps a warm spare worker, started in the background (never by a bare app).
     loader = loader or WorkerLauncher(settings.model_manager.worker_timeout, keep_spare=background)
     manager = ModelManager(settings.model_manager, settings.models, clock=clock, loader=loader)
-    state = AppState(settings, manager, config_path, overrides or {}, metrics=Metrics(manager),
+    activity = ActivityLog()
+    state = AppState(settings, manager, config_path, overrides or {}, metrics=Metrics(manager, activity),
+                     activity=activity, memory=MemoryProbe(),
                      pool=ThreadPoolExecutor(settings.server.threads, thread_name_prefix="stream-load"),
                      grammars=grammars or GrammarChecker(),
                      responses=ResponseStore(settings.server.data_directory, settings.server.responses_max_count,

@@ -25,6 +25,8 @@ class AppState:
     config_path: Path | None
     overrides: dict[str, dict[str, Any]]
     metrics: Any = None
+    activity: Any = None  # an ActivityLog: recent completions per model (the status page's charts)
+    memory: Any = None  # a MemoryProbe: the machine's RAM and VRAM, the workers' RSS
     pool: Any = None  # runs the loads that streams wait for while they send ": loading" comments
     scheduler: Any = None
     event_streams: Any = None  # a BoundedSemaphore: open /admin/events streams

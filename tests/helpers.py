@@ -190,3 +190,9 @@ KNOWN_BAD_SCHEMAS = [
 ]
 json_schemas = st.sampled_from(KNOWN_BAD_SCHEMAS) | _schema()
 """JSON schemas: the shapes that crashed the server, and generated ones (valid, odd and broken)."""
+
+
+def gbnf_literal(text: str) -> str:
+    """A grammar that lets the model write exactly ``text`` (and then end)."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    return f'root ::= "{escaped}"'
