@@ -17,7 +17,7 @@ import pytest
 import requests
 from conftest import JOIN_TIMEOUT, LiveServer
 from gguf_factory import build_vocab, write_llama_model
-from helpers import anthropic_events, raw_request
+from helpers import anthropic_events, gbnf_literal, raw_request
 
 from chat_format import model_dialect
 
@@ -27,11 +27,6 @@ WEATHER = {"name": "get_weather", "description": "Weather in a city",
 CALL = ('<think>\nThe user wants weather.\n</think>\n\nLet me check.<tool_call>\n'
         '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
-
-
-def gbnf_literal(text: str) -> str:
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'root ::= "{escaped}"'
 
 
 @pytest.fixture

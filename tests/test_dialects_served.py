@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from conftest import LiveServer, sse_events
 from gguf_factory import build_vocab, write_llama_model
+from helpers import gbnf_literal
 
 from chat_format import model_dialect
 from dialects.deepseek import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP
@@ -87,11 +88,6 @@ FAMILIES = [
     Family("smollm3", "HuggingFaceTB-SmolLM3-3B.jinja",
            "<think>\nSimple.\n</think>\nHello!", reasoning="Simple.", content="Hello!", tools=False),
 ]
-
-
-def gbnf_literal(text: str) -> str:
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
-    return f'root ::= "{escaped}"'
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ import pytest
 import requests
 from conftest import LiveServer
 from gguf_factory import write_llama_model
+from helpers import gbnf_literal
 
 from chat_format import model_dialect
 
@@ -47,11 +48,6 @@ class ExtraFields(httpx.BaseTransport):
         rewritten = httpx.Request(request.method, request.url, headers=headers,
                                   content=json.dumps({**body, **self.fields}).encode())
         return self.inner.handle_request(rewritten)
-
-
-def gbnf_literal(text: str) -> str:
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'root ::= "{escaped}"'
 
 
 @pytest.fixture
