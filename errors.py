@@ -13,6 +13,7 @@ or routing (404, 405), is then written in that shape, with the same status.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,14 @@ class ServiceError(Exception):
     def body(self) -> dict[str, Any]:
         """The OpenAI-shaped error object."""
         return error_body(self.message, self.type, self.param, self.code)
+
+    def rename_param(self, param: str | None) -> None:
+        """Name the field ``param`` (as another API calls it), in the message as well."""
+        if self.param is None or param is None or param == self.param:
+            return
+        message = re.sub(rf"(?<![\w.]){re.escape(self.param)}(?!\w)", lambda _: param, self.message)
+        self.message = message if message != self.message else f"{param}: {self.message}"
+        self.param = param
 
 
 class InvalidRequest(ServiceError):

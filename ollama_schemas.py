@@ -116,14 +116,11 @@ def ollama_name(param: str | None) -> str | None:
 
 
 def renamed(error: InvalidRequest) -> InvalidRequest:
-    """``error`` naming the field as the Ollama client sent it."""
-    theirs = ollama_name(error.param)
-    if theirs == error.param or error.param is None:
-        return error
-    message = error.message.replace(f"'{error.param}'", f"'{theirs}'")
-    if message == error.message:
-        message = f"{theirs}: {message}"
-    return type(error)(message, param=theirs, code=error.code, headers=error.headers)
+    """``error`` naming the field (and the endpoint to use instead) as an Ollama client knows them."""
+    if error.code == "model_not_generative":
+        error.message = error.message.replace("/v1/embeddings", "/api/embed")
+    error.rename_param(ollama_name(error.param))
+    return error
 
 
 def chat_request(body: ChatRequest, model_id: str) -> ChatCompletionRequest:

@@ -190,7 +190,7 @@ def _own_params() -> Iterator[None]:
     try:
         yield
     except ServiceError as exc:
-        exc.param = own_param(exc.param)
+        exc.rename_param(own_param(exc.param))
         raise
 
 
@@ -309,7 +309,8 @@ class ResponseStream(completions.StreamRenderer):
     def error(self, error: ServiceError) -> Iterator[bytes]:
         if not self.started:
             yield from self._begin()
-        yield self._emit("error", code=error.code, message=error.message, param=own_param(error.param))
+        error.rename_param(own_param(error.param))
+        yield self._emit("error", code=error.code, message=error.message, param=error.param)
         failed = self.turn.response(self.model, "failed", self.output, None)
         failed["error"] = {"code": _ERROR_CODES.get(error.status, "server_error"), "message": error.message}
         yield self._emit("response.failed", response=failed)

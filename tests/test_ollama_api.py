@@ -294,3 +294,12 @@ def test_keep_alive_zero_on_a_busy_model_unloads_it_when_its_requests_end(make_s
     while "tiny-chat" in server.get("/health").json()["loaded_models"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "tiny-chat" not in server.get("/health").json()["loaded_models"]
+
+
+def test_chat_with_an_embedding_model_points_at_api_embed(make_server):
+    server = make_server(models={"tiny": {"embedding": True}})
+    for path, body in (("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}),
+                       ("/api/generate", {"model": "tiny", "prompt": "hi"})):
+        refused = server.post(path, {**body, "stream": False})
+        assert refused.status_code == 400, refused.text
+        assert "/api/embed" in refused.json()["error"] and "/v1/" not in refused.json()["error"]

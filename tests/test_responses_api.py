@@ -248,3 +248,12 @@ def test_a_failure_mid_stream_is_an_error_event_then_response_failed(server: Liv
         client.responses.retrieve(failed["id"])  # a failed response is not stored
     assert server.model_view("tiny-chat")["in_flight"] == 0
     assert client.responses.create(model="tiny-chat", input="Hi", max_output_tokens=3).usage.output_tokens == 3
+
+
+def test_errors_name_the_responses_fields_in_param_and_message(make_server):
+    server = make_server(manager={"max_tokens_limit": 8})
+    refused = server.post("/v1/responses", {"model": "tiny-chat", "input": "Hi", "max_output_tokens": 50})
+    error = refused.json()["error"]
+    assert refused.status_code == 400 and error["param"] == "max_output_tokens"
+    assert "max_output_tokens 50" in error["message"] and "max_tokens" not in error["message"].replace(
+        "max_output_tokens", ""), error
