@@ -74,8 +74,18 @@ class ManagerSettings(_Section):
     prompt_cache_bytes: int = Field(256 * 2**20, ge=0)
     # A worker that answers nothing for this long while requests wait is killed (a crash).
     worker_timeout: float = Field(60, gt=0)
+    # Pictures in chat requests (models with a projector): the largest image file accepted, and
+    # the most pixels it may decode to (a small file can hold a huge picture).
+    max_image_bytes: int = Field(20 * 2**20, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    # ``image_url`` parts with http(s) URLs are fetched only from these hosts (none: data: URLs
+    # only), within this many seconds, and never from loopback or private addresses unless
+    # ``image_url_private`` allows it.
+    image_url_hosts: list[str] = []
+    image_url_timeout: float = Field(10, gt=0)
+    image_url_private: bool = False
 
-    @field_validator("memory_budget", "prompt_cache_bytes", mode="before")
+    @field_validator("memory_budget", "prompt_cache_bytes", "max_image_bytes", mode="before")
     @classmethod
     def _parse_size(cls, value: Any) -> Any:
         return parse_size(value) if isinstance(value, str) else value
@@ -102,6 +112,9 @@ class ModelSettings(_Section):
     use_mmap: bool | None = None
     embedding: bool = False  # an embedding model: /v1/embeddings only
     chat_template: str | None = None  # a Jinja template replacing the model's own
+    # The multimodal projector (images, audio): a path (relative: to the models folder), or ""
+    # for none. Unset: the ``mmproj*.gguf`` beside the model file, by the rule in ``discovery``.
+    mmproj: str | None = None
     load: dict[str, Any] = {}  # any other llama_cpp.Llama argument, checked by name and type
     default: SamplingDefaults = SamplingDefaults()
 

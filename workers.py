@@ -56,6 +56,7 @@ class LoadOptions:
     prompt_cache_bytes: int = 0
     worker_timeout: float = 60.0  # seconds of silence, with requests waiting, before the worker counts as hung
     extra: dict[str, Any] = field(default_factory=dict)  # more llama_cpp.Llama arguments
+    mmproj: str | None = None  # the multimodal projector file
     progress: Callable[[float], None] | None = field(default=None, compare=False)
     on_exit: Callable[[ExitInfo], None] | None = field(default=None, compare=False)  # an unexpected exit
 
@@ -86,7 +87,8 @@ class WorkerLauncher:
         model_options = ModelOptions(
             n_ctx=options.n_ctx, n_gpu_layers=options.n_gpu_layers, n_threads=options.n_threads,
             n_batch=int(extra.pop("n_batch", DEFAULT_N_BATCH)), embedding=options.embedding,
-            parallel=options.parallel, prompt_cache_bytes=options.prompt_cache_bytes, extra=extra)
+            parallel=options.parallel, prompt_cache_bytes=options.prompt_cache_bytes, extra=extra,
+            mmproj=options.mmproj)
         try:
             worker.load(model.path, model_options, options.progress)
         except LoadError as exc:

@@ -299,10 +299,12 @@ class Worker:
 
     # ---- requests ----
 
-    def generate(self, prompt_tokens: list[int], params: p.SamplingParams) -> Stream:
-        """Start a generation; iterate the returned ``Stream`` for its text deltas."""
+    def generate(self, prompt_tokens: list[int], params: p.SamplingParams,
+                 media: tuple[p.MediaInput, ...] = ()) -> Stream:
+        """Start a generation; iterate the returned ``Stream`` for its text deltas. ``media``
+        go into the prompt at their ``at`` (the model must have a projector)."""
         request_id, inbox = self._open()
-        self._send(p.Generate(request_id, list(prompt_tokens), params), request_id)
+        self._send(p.Generate(request_id, list(prompt_tokens), params, media), request_id)
         return Stream(self, request_id, inbox, params)
 
     def embed(self, inputs: list[list[int]]) -> list[np.ndarray]:

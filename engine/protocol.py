@@ -23,6 +23,9 @@ from typing import Any, Literal
 
 ErrorKind = Literal["invalid_request", "internal"]
 FinishReason = Literal["stop", "length", "cancelled"]
+MediaKind = Literal["image", "audio"]
+# Where a picture (or a sound) goes in a rendered prompt: llama.cpp's mtmd default marker.
+MEDIA_MARKER = "<__media__>"
 
 
 @dataclass
@@ -61,6 +64,7 @@ class ModelOptions:
     parallel: int = 4  # sequences decoded together (slots)
     prompt_cache_bytes: int = 128 * 2**20  # RAM for the KV state of conversations pushed out of a slot
     extra: dict[str, Any] = field(default_factory=dict)  # more llama_cpp.Llama arguments
+    mmproj: str | None = None  # the multimodal projector file (images, audio), if the model has one
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,7 @@ class ModelInfo:
     add_sep: bool = False  # a pair is <bos> a <eos> <sep> b <eos> (RoBERTa-style rerankers)
     sep_token: int = -1
     n_cls_out: int = 0  # a reranker's scores per input (pooling type rank), else 0
+    media: tuple[MediaKind, ...] = ()  # what its projector reads: "image", "audio"; () without one
 
 
 # ---- parent to worker ----
@@ -99,10 +104,31 @@ class Load:
 
 
 @dataclass(frozen=True)
+class MediaInput:
+    """One picture (or sound) of a prompt, already decoded and checked by the server: the
+    worker's own decoders never see what a client sent.
+
+    An image is ``width`` x ``height`` RGB pixels (``data``: 3 bytes each, row by row); audio
+    is mono float32 PCM at the projector's sample rate (``width``: the sample count).
+    ``digest`` identifies the content (the prompt cache keys on it); ``param`` is where the
+    client put it (``messages[0].content[1]``), for errors.
+    """
+
+    at: int  # index in the prompt's tokens before which it goes
+    kind: MediaKind
+    width: int
+    height: int
+    data: bytes
+    digest: bytes
+    param: str = "messages"
+
+
+@dataclass(frozen=True)
 class Generate:
     id: int
     prompt: list[int]
     params: SamplingParams
+    media: tuple[MediaInput, ...] = ()  # each spliced into ``prompt`` at its ``at``, in order
 
 
 @dataclass(frozen=True)
@@ -193,7 +219,8 @@ class LoadFailed:
 
 @dataclass(frozen=True)
 class Started:
-    """A generation has a slot; ``cached_tokens`` of its prompt were reused rather than decoded."""
+    """A generation has a slot; ``cached_tokens`` of its prompt were reused rather than decoded.
+    ``prompt_tokens`` counts the positions its media took too."""
 
     id: int
     prompt_tokens: int
