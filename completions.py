@@ -186,13 +186,21 @@ def chat_template(lease: Lease) -> ChatTemplate:
     return template
 
 
-def count_prompt_tokens(manager: ModelManager, model_id: str, request: ChatCompletionRequest) -> int:
+def count_prompt_tokens(manager: ModelManager, model_id: str, request: ChatCompletionRequest,
+                        media: list[Media] | None = None) -> int:
     """The tokens of ``request``'s prompt: its messages and tools rendered with the model's
-    template and tokenized in its worker, exactly as ``prepare`` would (loading the model if
-    it must; the lease is held only while counting)."""
+    template and tokenized in its worker, exactly as ``prepare`` would, with the cells its
+    ``media`` (decoded by ``request_checks.decode_media``) take (loading the model if it must;
+    the lease is held only while counting)."""
     lease = manager.acquire(model_id, keep_alive=request.keep_alive)
     try:
-        return len(_tokenize(lease.worker, chat_template(lease).render(request).text, "messages"))
+        text = chat_template(lease).render(request).text
+        if not media:
+            return len(_tokenize(lease.worker, text, "messages"))
+        tokens, placed = _tokenize_with_media(lease.worker, text, media)
+        return len(tokens) + sum(lease.worker.media_cells(placed))
+    except RequestFailed as exc:
+        raise InvalidRequest(exc.message, param=exc.param, code=exc.code) from None
     except WorkerCrashed as exc:
         raise lease.crashed(exc) from None
     finally:

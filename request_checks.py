@@ -60,11 +60,11 @@ def judge(manager: ModelManager, request: _Generation, grammars: GrammarChecker)
     path = manager.model_file(model_id).path
     dialect = file_dialect(path, settings.chat_template) if isinstance(request, ChatCompletionRequest) else GENERIC
     grammar = grammar_for(request, path, grammars, dialect)
-    media = _media(manager, model_id, request)
+    media = decode_media(manager, model_id, request)
     return Verdict(model_id, sampling_params(request, grammar, logit_bias), media)
 
 
-def _media(manager: ModelManager, model_id: str, request: _Generation) -> list[Media]:
+def decode_media(manager: ModelManager, model_id: str, request: _Generation) -> list[Media]:
     """The request's pictures decoded and checked (a model without a projector refuses them)."""
     parts = request.media_parts() if isinstance(request, ChatCompletionRequest) else []
     if not parts:

@@ -326,6 +326,10 @@ class Worker:
         """Test seam: see ``protocol.Tune``."""
         self._send_quietly(p.Tune(step_delay, fail_after_steps))
 
+    def media_cells(self, media: tuple[p.MediaInput, ...]) -> list[int]:
+        """The prompt cells each of ``media`` takes in this model (``RequestFailed`` naming a bad one)."""
+        return self._call(lambda i: p.MediaCells(i, tuple(media)), "counting media")
+
     def stats(self) -> dict[str, int]:
         """The scheduler's counters (steps, batched steps, preemptions, prompt cache use, ...)."""
         return self._call(p.GetStats, "stats")

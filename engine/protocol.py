@@ -9,8 +9,8 @@ dicts, numpy arrays) so that neither end ever unpickles a live object.
 Every message from the parent that expects an answer carries an ``id`` chosen by the parent;
 every answer carries the same ``id``. ``Ready``, ``Log`` and ``Heartbeat`` carry none.
 
-Parent to worker: ``Load``, ``Generate``, ``Cancel``, ``Embed``, ``Tokenize``, ``Detokenize``, ``GetStats``,
-``Shutdown``, and ``Tune`` (tests only).
+Parent to worker: ``Load``, ``Generate``, ``Cancel``, ``Embed``, ``Tokenize``, ``Detokenize``, ``MediaCells``,
+``GetStats``, ``Shutdown``, and ``Tune`` (tests only).
 Worker to parent: ``Ready``, ``Progress``, ``Log``, ``Loaded``, ``LoadFailed``, ``Started``,
 ``Delta``, ``Done``, ``Error``, ``Reply``, ``Heartbeat``, and ``Bundle`` (several of these from
 one decode step, in order).
@@ -158,6 +158,15 @@ class Detokenize:
     id: int
     tokens: list[int]
     per_token: bool = False
+
+
+@dataclass(frozen=True)
+class MediaCells:
+    """How many prompt cells (tokens and embeddings) each of ``media`` takes: a ``Reply`` with
+    one count per input, or an ``Error`` naming the input that cannot be used."""
+
+    id: int
+    media: tuple[MediaInput, ...]
 
 
 @dataclass(frozen=True)

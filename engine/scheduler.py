@@ -235,7 +235,7 @@ class Scheduler:
         self.stats: dict[str, int] = dict.fromkeys(
             ("steps", "decoded_tokens", "multi_sequence_steps", "mixed_steps", "max_sequences_in_step",
              "prefill_chunks", "preemptions", "kv_full", "cache_saves", "cache_restores", "cached_tokens",
-             "shared_prompts", "media_chunks", "media_tokens"), 0)
+             "shared_prompts", "media_chunks", "media_tokens", "media_beside_generation"), 0)
 
     @property
     def busy(self) -> bool:
@@ -350,6 +350,8 @@ class Scheduler:
         plan = self._plan(media[1].n_tokens if media is not None else 0)
         if media is not None and media[0].request is not None:  # (planning may have preempted it)
             self._eval_media(*media)
+            if any(n == 1 and slot.request and slot.request.completion_tokens for slot, n in plan):
+                self.stats["media_beside_generation"] += 1
         if not plan:
             return
         logits_rows = self._fill_batch(plan)

@@ -210,6 +210,43 @@ def test_pairing_rule_with_several_projectors(tmp_path: Path) -> None:
     assert pair_projector(tmp_path / "anything.gguf", [f16]) == f16  # the only one
 
 
+def test_a_picture_is_encoded_beside_another_generation(server: LiveServer) -> None:
+    assert chat(server, ask(text="warm up")).status_code == 200
+    server.loader.token_delay = 0.02  # the long answer below keeps generating meanwhile
+    body = {"model": MODEL, "messages": ask(text="Tell a long story."), "max_tokens": 60, "stream": True}
+    with requests.post(server.url + "/v1/chat/completions", json=body, stream=True, timeout=JOIN_TIMEOUT) as long:
+        lines = long.iter_lines()
+        while b"content" not in next(lines):
+            pass  # it is generating
+        assert chat(server, ask(image_part(picture(1)))).status_code == 200
+        for _ in lines:
+            pass
+    stats = server.loader.live()[0].stats()
+    assert stats["media_chunks"] == 1 and stats["media_beside_generation"] == 1
+
+
+def test_the_worker_refuses_media_it_cannot_use(server: LiveServer) -> None:
+    """The server never sends such input; the worker still answers it with an error, not a crash."""
+    from engine.client import RequestFailed
+    from engine.protocol import MediaInput, SamplingParams
+
+    assert chat(server, ask(text="load")).status_code == 200
+    worker = server.loader.live()[0]
+    prompt = worker.tokenize("Hello there", add_special=True)
+    bad = [MediaInput(1, "image", 40, 30, b"short", b"d" * 32, "messages[0].content[0]"),
+           MediaInput(1, "image", 0, 0, b"", b"d" * 32, "messages[0].content[0]"),
+           MediaInput(1, "audio", 10, 1, b"\0" * 40, b"d" * 32, "messages[0].content[0]"),
+           MediaInput(len(prompt), "image", 1, 1, b"\0\0\0", b"d" * 32, "messages[0].content[0]")]  # ends the prompt
+    for media in bad:
+        with pytest.raises(RequestFailed) as refused:
+            "".join(worker.generate(prompt, SamplingParams(max_tokens=2), (media,)))
+        assert refused.value.kind == "invalid_request"
+    with pytest.raises(RequestFailed):
+        worker.media_cells((bad[0],))
+    assert worker.media_cells((MediaInput(0, "image", 3, 2, b"\1" * 18, b"e" * 32),)) == [IMAGE_TOKENS]
+    assert chat(server, ask(image_part(picture(1)))).status_code == 200
+
+
 # ------------------------------------------------------------------ the other APIs
 
 
@@ -223,6 +260,16 @@ def test_the_openai_client_sends_pictures(server: LiveServer) -> None:
         client.chat.completions.create(model=MODEL, max_tokens=5, messages=ask(  # type: ignore[arg-type]
             {"type": "image_url", "image_url": {"url": data_url(b"GIF89a...")}}))
     assert refused.value.body["param"] == "messages[0].content[1]"  # type: ignore[index]
+
+
+def test_anthropic_count_tokens_counts_the_pictures(server: LiveServer) -> None:
+    client = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+    block = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": base64.b64encode(picture(1)).decode()}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, block, block]}]
+    counted = client.messages.count_tokens(model=MODEL, messages=messages)  # type: ignore[arg-type]
+    answer = client.messages.create(model=MODEL, max_tokens=3, messages=messages)  # type: ignore[arg-type]
+    assert counted.input_tokens == answer.usage.input_tokens > 2 * IMAGE_TOKENS
 
 
 def test_anthropic_image_blocks(server: LiveServer) -> None:
@@ -248,6 +295,8 @@ def test_anthropic_image_blocks(server: LiveServer) -> None:
 
 def test_ollama_images(server: LiveServer) -> None:
     client = ollama.Client(host=server.url)
+    assert "vision" in (client.show(MODEL).capabilities or [])
+    assert "vision" not in (client.show("tiny-chat").capabilities or [])
     answer = client.chat(model=MODEL, messages=[{"role": "user", "content": "What is this?", "images": [picture(1)]}],
                          options={"num_predict": 5, "temperature": 0})
     assert answer.message.content
