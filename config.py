@@ -78,6 +78,8 @@ class ManagerSettings(_Section):
     # the most pixels it may decode to (a small file can hold a huge picture).
     max_image_bytes: int = Field(20 * 2**20, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
+    # Sounds (``input_audio``, WAV) for models whose projector hears: the largest file accepted.
+    max_audio_bytes: int = Field(20 * 2**20, ge=1)
     # ``image_url`` parts with http(s) URLs are fetched only from these hosts (none: data: URLs
     # only), within this many seconds, and never from loopback or private addresses unless
     # ``image_url_private`` allows it.
@@ -85,7 +87,8 @@ class ManagerSettings(_Section):
     image_url_timeout: float = Field(10, gt=0)
     image_url_private: bool = False
 
-    @field_validator("memory_budget", "prompt_cache_bytes", "max_image_bytes", mode="before")
+    @field_validator("memory_budget", "prompt_cache_bytes", "max_image_bytes", "max_audio_bytes",
+                     mode="before")
     @classmethod
     def _parse_size(cls, value: Any) -> Any:
         return parse_size(value) if isinstance(value, str) else value

@@ -1,4 +1,5 @@
-"""Pictures in chat requests: from a content part to checked RGB pixels for the model's worker.
+"""Pictures and sounds in chat requests: from a content part to checked RGB pixels or PCM
+samples for the model's worker.
 
 Everything a client sends is judged here, in the server, before a worker sees it: the size
 of the file (``max_image_bytes``), its format (sniffed by Pillow from the bytes, never from
@@ -6,7 +7,12 @@ a name or a declared type: PNG, JPEG, GIF, WebP, BMP), its pixel count (``max_im
 a small file can hold a huge picture) and a complete decode (a truncated file is refused).
 The worker gets the decoded RGB pixels, so llama.cpp's own decoder (stb_image) never sees a
 client's bytes. Photos are turned upright by their EXIF orientation; transparency is laid on
-white; an animated picture gives its first frame.
+white; an animated picture gives its first frame; one over ``SENT_PIXELS`` is scaled down.
+
+``input_audio`` is a base64 WAV file (``max_audio_bytes``): integer PCM, 8 to 32 bits, any
+rate and channel count, read by Python's ``wave`` and sent as mono float samples at its own
+rate (the worker resamples to its projector's). MP3 is refused: no decoder here, and
+llama.cpp's own (miniaudio) must not see a client's bytes either.
 
 ``image_url`` is a ``data:`` URL (base64), or an ``http(s)`` URL whose host is listed in
 ``image_url_hosts``. A fetch resolves the host once, refuses loopback, private, link-local
@@ -27,11 +33,13 @@ import io
 import ipaddress
 import socket
 import time
+import wave
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from config import ManagerSettings
@@ -40,6 +48,10 @@ from errors import InvalidRequest
 from schemas import AudioPart, ImagePart, MediaPart
 
 IMAGE_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "GIF": "GIF", "WEBP": "WebP", "BMP": "BMP"}
+# Pictures with more pixels are scaled down to this many before they go to the worker: no
+# projector reads more (Qwen2.5-VL's default ceiling is 12.8 million), and a 40-megapixel
+# photo would otherwise cross the pipe as 120 MB.
+SENT_PIXELS = 4096 * 4096
 FETCH_CHUNK = 64 * 1024
 
 
@@ -49,20 +61,22 @@ class MediaLimits:
 
     max_image_bytes: int = 20 * 2**20
     max_image_pixels: int = 40_000_000
+    max_audio_bytes: int = 20 * 2**20
     url_hosts: tuple[str, ...] = ()
     url_timeout: float = 10.0
     url_private: bool = False
 
     @classmethod
     def from_settings(cls, settings: ManagerSettings) -> MediaLimits:
-        return cls(settings.max_image_bytes, settings.max_image_pixels,
+        return cls(settings.max_image_bytes, settings.max_image_pixels, settings.max_audio_bytes,
                    tuple(host.lower() for host in settings.image_url_hosts), settings.image_url_timeout,
                    settings.image_url_private)
 
 
 @dataclass(frozen=True)
 class Media:
-    """One decoded picture: ``width`` x ``height`` RGB pixels; ``param`` is where the client put it."""
+    """One decoded picture (``width`` x ``height`` RGB pixels) or sound (``width`` float32 samples
+    at ``height`` per second); ``param`` is where the client put it."""
 
     kind: MediaKind
     width: int
@@ -92,10 +106,46 @@ def decode_parts(parts: list[tuple[str, MediaPart]], limits: MediaLimits, media:
                       else f"its projector reads only {', '.join(media)}")
             raise _refused(param, f"the model {model_id} cannot read {what}: {reason}", "model_not_multimodal")
         if isinstance(part, AudioPart):
-            raise _refused(param, "audio input is not supported by this server yet", "unsupported_media")
-        raw = image_bytes(part.image_url.url, limits, param, fetch or fetch_url)
-        decoded.append(decode_image(raw, limits, param))
+            decoded.append(decode_audio(part.input_audio.data, part.input_audio.format, limits, param))
+        else:
+            raw = image_bytes(part.image_url.url, limits, param, fetch or fetch_url)
+            decoded.append(decode_image(raw, limits, param))
     return decoded
+
+
+def decode_audio(data: str, fmt: str, limits: MediaLimits, param: str) -> Media:
+    """A base64 WAV file decoded to mono float samples, or ``InvalidRequest`` saying what is wrong."""
+    if fmt != "wav":
+        raise _refused(param, f"{fmt} audio is not supported; send WAV (PCM)", "unsupported_media")
+    raw = read_data_url("data:;base64," + data, limits.max_audio_bytes, param, "sound")
+    try:
+        with wave.open(io.BytesIO(raw), "rb") as reader:
+            channels, width, rate, frames = (reader.getnchannels(), reader.getsampwidth(), reader.getframerate(),
+                                             reader.getnframes())
+            pcm = reader.readframes(frames)
+    except (wave.Error, EOFError, ValueError) as exc:
+        raise _refused(param, f"the data is not a WAV file this server reads (integer PCM): {exc}",
+                       "invalid_audio") from None
+    if not channels or not rate or width not in (1, 2, 3, 4):
+        raise _refused(param, "the WAV file has no channels, no rate or an unusual sample width", "invalid_audio")
+    if not pcm or len(pcm) < frames * channels * width:
+        raise _refused(param, "the WAV file is empty or truncated", "invalid_audio")
+    samples = _mono(pcm[: frames * channels * width], width, channels)
+    digest = hashlib.blake2b(b"%d:" % rate + samples.tobytes(), digest_size=32).digest()
+    return Media("audio", len(samples), rate, samples.tobytes(), digest, param)
+
+
+def _mono(pcm: bytes, width: int, channels: int) -> np.ndarray:
+    """Interleaved little-endian integer PCM as mono float32 in [-1, 1]."""
+    if width == 1:  # 8-bit WAV is unsigned
+        values = np.frombuffer(pcm, dtype=np.uint8).astype(np.float32) - 128.0
+    elif width == 3:
+        triples = np.frombuffer(pcm, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        values = ((triples[:, 0] | (triples[:, 1] << 8) | (triples[:, 2] << 16)) << 8 >> 8).astype(np.float32)
+    else:
+        values = np.frombuffer(pcm, dtype=np.int16 if width == 2 else np.int32).astype(np.float32)
+    values /= float(2 ** (8 * width - 1))
+    return values.reshape(-1, channels).mean(axis=1).astype(np.float32)
 
 
 def image_bytes(url: str, limits: MediaLimits, param: str, fetch: Fetch) -> bytes:
@@ -108,7 +158,7 @@ def image_bytes(url: str, limits: MediaLimits, param: str, fetch: Fetch) -> byte
     raise _refused(param, "the image URL must be a data: URL (base64) or an http(s) URL", "invalid_image_url")
 
 
-def read_data_url(url: str, limit: int, param: str) -> bytes:
+def read_data_url(url: str, limit: int, param: str, what: str = "image") -> bytes:
     """A ``data:`` URL's bytes, refusing more than ``limit`` before decoding them."""
     header, comma, payload = url.partition(",")
     if not comma:
@@ -116,18 +166,19 @@ def read_data_url(url: str, limit: int, param: str) -> bytes:
     is_base64 = header.lower().endswith(";base64")
     estimate = len(payload) * 3 // 4 if is_base64 else len(payload)
     if estimate > limit + 3:
-        raise _too_large(param, estimate, limit)
+        raise _too_large(param, estimate, limit, what)
     if not is_base64:
         data = unquote_to_bytes(payload)
     else:
         try:
             data = base64.b64decode("".join(payload.split()), validate=True)
         except (binascii.Error, ValueError):
-            raise _refused(param, "the data: URL's base64 is not valid", "invalid_image_url") from None
+            raise _refused(param, "the base64 data is not valid", f"invalid_{what}_url" if what == "image"
+                       else "invalid_audio") from None
     if len(data) > limit:
-        raise _too_large(param, len(data), limit)
+        raise _too_large(param, len(data), limit, what)
     if not data:
-        raise _refused(param, "the image is empty", "invalid_image")
+        raise _refused(param, f"the {what} is empty", "invalid_image" if what == "image" else "invalid_audio")
     return data
 
 
@@ -158,6 +209,10 @@ def decode_image(raw: bytes, limits: MediaLimits, param: str) -> Media:
             raise _refused(param, f"the {IMAGE_FORMATS.get(image.format or '', 'image')} file is truncated or corrupt",
                            "invalid_image") from None
     width, height = rgb.size
+    if width * height > SENT_PIXELS:
+        scale = (SENT_PIXELS / (width * height)) ** 0.5
+        rgb = rgb.resize((max(1, int(width * scale)), max(1, int(height * scale))), Image.Resampling.BICUBIC)
+        width, height = rgb.size
     pixels = rgb.tobytes()
     digest = hashlib.blake2b(b"%dx%d:" % (width, height) + pixels, digest_size=32).digest()
     return Media("image", width, height, pixels, digest, param)
@@ -244,6 +299,7 @@ def _refused(param: str, message: str, code: str) -> InvalidRequest:
     return InvalidRequest(f"Invalid '{param}': {message}", param=param, code=code)
 
 
-def _too_large(param: str, size: int, limit: int) -> InvalidRequest:
-    return _refused(param, f"the image is {size / 2**20:.1f} MiB; this server takes images up to "
-                           f"{limit / 2**20:.1f} MiB (max_image_bytes)", "image_too_large")
+def _too_large(param: str, size: int, limit: int, what: str = "image") -> InvalidRequest:
+    key = "max_image_bytes" if what == "image" else "max_audio_bytes"
+    return _refused(param, f"the {what} is {size / 2**20:.1f} MiB; this server takes {what}s up to "
+                           f"{limit / 2**20:.1f} MiB ({key})", f"{what if what == 'image' else 'audio'}_too_large")

@@ -23,6 +23,7 @@ from typing import Any
 
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
+import numpy as np
 
 from engine.protocol import MEDIA_MARKER, MediaInput, MediaKind
 
@@ -115,10 +116,11 @@ class Projector:
             pixels = (ctypes.c_uint8 * len(media.data)).from_buffer_copy(media.data)
             bitmap = mtmd.mtmd_bitmap_init(media.width, media.height, pixels)
         else:
-            if media.width <= 0 or len(media.data) != media.width * 4:
+            if media.width <= 0 or media.height <= 0 or len(media.data) != media.width * 4:
                 raise MediaError("the audio's samples do not match its length", media.param)
-            samples = (ctypes.c_float * media.width).from_buffer_copy(media.data)
-            bitmap = mtmd.mtmd_bitmap_init_from_audio(media.width, samples)
+            pcm = _resampled(np.frombuffer(media.data, dtype=np.float32), media.height, self.audio_sample_rate)
+            samples = (ctypes.c_float * len(pcm)).from_buffer_copy(pcm.tobytes())
+            bitmap = mtmd.mtmd_bitmap_init_from_audio(len(pcm), samples)
         if not bitmap:
             raise MediaError(f"the {media.kind} could not be read", media.param)
         mtmd.mtmd_bitmap_set_id(bitmap, media.digest.hex().encode())
@@ -148,3 +150,14 @@ class Projector:
             mtmd.mtmd_input_chunk_free(chunk.handle)
             chunk.handle = None
 
+
+
+def _resampled(samples: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """``samples`` at ``rate`` per second, linearly interpolated to ``target`` per second
+    (speech encoders hear 16 kHz; the spectrum above the new Nyquist folds in only faintly
+    for speech, and a client wanting better sends 16 kHz)."""
+    if rate == target or not len(samples):
+        return np.ascontiguousarray(samples, dtype=np.float32)
+    n = max(1, round(len(samples) * target / rate))
+    positions = np.arange(n, dtype=np.float64) * (rate / target)
+    return np.interp(positions, np.arange(len(samples), dtype=np.float64), samples).astype(np.float32)

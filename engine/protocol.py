@@ -109,7 +109,8 @@ class MediaInput:
     worker's own decoders never see what a client sent.
 
     An image is ``width`` x ``height`` RGB pixels (``data``: 3 bytes each, row by row); audio
-    is mono float32 PCM at the projector's sample rate (``width``: the sample count).
+    is ``width`` samples of mono float32 PCM at ``height`` samples per second (the worker
+    resamples it to its projector's rate).
     ``digest`` identifies the content (the prompt cache keys on it); ``param`` is where the
     client put it (``messages[0].content[1]``), for errors.
     """

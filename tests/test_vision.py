@@ -10,21 +10,25 @@ from __future__ import annotations
 import base64
 import io
 import threading
+import wave
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import anthropic
+import numpy as np
 import ollama
 import openai
 import pytest
 import requests
 from conftest import JOIN_TIMEOUT, LiveServer, check_response, sse_events
-from gguf_factory import CHATML_TEMPLATE, write_llama_model, write_mlp_projector
+from gguf_factory import CHATML_TEMPLATE, write_audio_projector, write_llama_model, write_mlp_projector
 from PIL import Image
 
 from discovery import pair_projector
+from errors import InvalidRequest
+from media import SENT_PIXELS, MediaLimits, decode_audio, decode_image
 
 IMAGE_TOKENS = 16  # (image_size / patch_size) ** 2 of the tiny projector
 MODEL = "tiny-vision"
@@ -183,6 +187,23 @@ def test_a_model_without_projector_refuses_pictures_before_loading(server: LiveS
     assert (error["param"], error["code"]) == ("messages[0].content[1]", "model_not_multimodal")
     assert "projector" in error["message"]
     assert not server.loader.loads
+
+
+def test_pictures_are_turned_upright_laid_on_white_and_scaled_down() -> None:
+    def encoded(image: Image.Image, fmt: str, **options: Any) -> bytes:
+        out = io.BytesIO()
+        image.save(out, format=fmt, **options)
+        return out.getvalue()
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    upright = decode_image(encoded(Image.new("RGB", (40, 20), "red"), "JPEG", exif=exif), MediaLimits(), "p")
+    assert (upright.width, upright.height) == (20, 40)
+    clear = decode_image(encoded(Image.new("RGBA", (4, 4), (0, 0, 0, 0)), "PNG"), MediaLimits(), "p")
+    assert clear.data[:3] == b"\xff\xff\xff"
+    huge = decode_image(encoded(Image.new("RGB", (4200, 4200), "blue"), "PNG"), MediaLimits(), "p")
+    assert huge.width == huge.height and huge.width * huge.height <= SENT_PIXELS
+    assert len(huge.data) == huge.width * huge.height * 3
 
 
 def test_media_marker_in_text_is_refused(server: LiveServer) -> None:
@@ -350,3 +371,91 @@ def test_image_urls_from_allowed_hosts(make_server, vision_dir: Path, picture_ho
     assert refused.status_code == 400
     assert refused.json()["error"]["code"] == "image_url_not_allowed"
     assert "private" in refused.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------ sounds
+
+AUDIO_MODEL = "tiny-audio"
+AUDIO_WINDOW_TOKENS = 750  # a 30-second window: 3000 mel frames, halved by the convolution and the pool
+
+
+def wav(seconds: float = 2.0, rate: int = 44100, channels: int = 2, width: int = 2, pitch: float = 440.0) -> bytes:
+    """A sine tone as a PCM WAV file."""
+    t = np.arange(int(seconds * rate)) / rate
+    tone = np.sin(2 * np.pi * pitch * t) * 0.5
+    scale = 2 ** (8 * width - 1) - 1
+    ints = np.round(tone * scale).astype(np.int64)
+    if width == 1:
+        frames = (ints + 128).astype(np.uint8).tobytes()
+    else:
+        frames = b"".join(int(v).to_bytes(width, "little", signed=True) for v in ints) if width == 3 \
+            else ints.astype(np.int16 if width == 2 else np.int32).tobytes()
+    frame_size = width
+    interleaved = b"".join(frames[i:i + frame_size] * channels for i in range(0, len(frames), frame_size)) \
+        if channels > 1 else frames
+    out = io.BytesIO()
+    with wave.open(out, "wb") as writer:
+        writer.setnchannels(channels)
+        writer.setsampwidth(width)
+        writer.setframerate(rate)
+        writer.writeframes(interleaved)
+    return out.getvalue()
+
+
+def audio_part(raw: bytes, fmt: str = "wav") -> dict[str, Any]:
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(raw).decode(), "format": fmt}}
+
+
+@pytest.fixture
+def hearing(make_server, vision_dir: Path) -> LiveServer:
+    """``tiny-audio`` with a tiny Whisper-style (qwen2a) projector, beside ``tiny-vision``."""
+    folder = vision_dir / "audio"
+    folder.mkdir()
+    write_llama_model(folder / f"{AUDIO_MODEL}.gguf", seed=5, chat_template=CHATML_TEMPLATE)
+    write_audio_projector(folder / f"mmproj-{AUDIO_MODEL}.gguf")
+    return make_server(models={AUDIO_MODEL: {"n_ctx": 2048}})
+
+
+def test_sounds_go_through_the_audio_encoder(hearing: LiveServer) -> None:
+    models = {m["id"]: m for m in requests.get(hearing.url + "/v1/models", timeout=10).json()["data"]}
+    assert models[AUDIO_MODEL]["capabilities"] == ["completion", "audio"]
+    first = ask(audio_part(wav()), text="What do you hear?")
+    answer = chat(hearing, first, model=AUDIO_MODEL)
+    assert answer.status_code == 200, answer.text
+    usage = answer.json()["usage"]
+    assert usage["prompt_tokens"] > AUDIO_WINDOW_TOKENS
+    assert media_chunks(hearing) == 1
+    second = [*first, {"role": "assistant", "content": answer.json()["choices"][0]["message"]["content"]},
+              {"role": "user", "content": "And then?"}]
+    again = chat(hearing, second, model=AUDIO_MODEL).json()
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] >= usage["prompt_tokens"] - 1
+    assert media_chunks(hearing) == 1
+
+
+def test_bad_sounds_are_refused_naming_the_part(hearing: LiveServer) -> None:
+    cases = [(audio_part(b"ID3 not really an mp3", fmt="mp3"), "unsupported_media"),
+             (audio_part(b"RIFF....WAVEjunk"), "invalid_audio"),
+             (audio_part(wav()[:-1000]), "invalid_audio"),  # truncated
+             ({"type": "input_audio", "input_audio": {"data": "%%%", "format": "wav"}}, "invalid_audio")]
+    for part, code in cases:
+        response = chat(hearing, ask(part), model=AUDIO_MODEL)
+        assert response.status_code == 400, response.text
+        assert (response.json()["error"]["param"], response.json()["error"]["code"]) == ("messages[0].content[1]", code)
+    picture_to_ears = chat(hearing, ask(image_part(picture(1))), model=AUDIO_MODEL)
+    assert picture_to_ears.json()["error"]["code"] == "model_not_multimodal"
+    assert "reads only audio" in picture_to_ears.json()["error"]["message"]
+    sound_to_eyes = chat(hearing, ask(audio_part(wav())), model=MODEL)
+    assert sound_to_eyes.json()["error"]["code"] == "model_not_multimodal"
+    assert chat(hearing, ask(audio_part(wav(seconds=0.5))), model=AUDIO_MODEL).status_code == 200
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4])
+def test_wav_sample_widths_decode_to_the_same_tone(width: int) -> None:
+    reference = decode_audio(base64.b64encode(wav(0.1, 8000, 1, 2)).decode(), "wav", MediaLimits(), "p")
+    decoded = decode_audio(base64.b64encode(wav(0.1, 8000, 2, width)).decode(), "wav", MediaLimits(), "p")
+    assert (decoded.kind, decoded.width, decoded.height) == ("audio", 800, 8000)
+    tolerance = 0.02 if width == 1 else 1e-3
+    assert np.allclose(np.frombuffer(decoded.data, np.float32), np.frombuffer(reference.data, np.float32),
+                       atol=tolerance)
+    with pytest.raises(InvalidRequest):
+        decode_audio(base64.b64encode(wav(0.1, 8000, 1, width)).decode(), "wav", MediaLimits(max_audio_bytes=100), "p")
