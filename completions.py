@@ -149,6 +149,8 @@ def prepare(manager: ModelManager, kind: str, request: _Generation, verdict: Ver
             params.stop = params.stop + reading.stops
             params.preserved_tokens = template.preserved_tokens
             if verdict.media:
+                log.info("media model=%s images=%d sounds=%d", lease.model_id,
+                         sum(m.kind == "image" for m in verdict.media), sum(m.kind == "audio" for m in verdict.media))
                 tokens, media = _tokenize_with_media(worker, reading.text, verdict.media)
                 prompts: list[list[int]] = [tokens]
             else:

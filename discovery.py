@@ -37,6 +37,7 @@ class ModelFile:
     size: int
     created: int = 0
     mmproj: Path | None = None  # the projector paired by the folder rule (see the module docstring)
+    unpaired: tuple[str, ...] = ()  # the projectors beside it when the rule could pick none of several
 
 
 def discover(models_dir: Path) -> dict[str, ModelFile]:
@@ -56,8 +57,13 @@ def discover(models_dir: Path) -> dict[str, ModelFile]:
         relative_stem = path.relative_to(root).with_name(match["base"] if match else stem)
         groups[relative_stem.as_posix()].append((part, path))
     models = _assign_ids(root, groups)
-    return {model_id: replace(file, mmproj=pair_projector(file.path, projectors.get(file.path.parent, [])))
-            for model_id, file in models.items()}
+    return {model_id: _paired(file, projectors.get(file.path.parent, [])) for model_id, file in models.items()}
+
+
+def _paired(file: ModelFile, candidates: list[Path]) -> ModelFile:
+    mmproj = pair_projector(file.path, candidates)
+    unpaired = tuple(sorted(p.name for p in candidates)) if mmproj is None and candidates else ()
+    return replace(file, mmproj=mmproj, unpaired=unpaired)
 
 
 def pair_projector(model: Path, candidates: list[Path]) -> Path | None:
@@ -73,9 +79,7 @@ def pair_projector(model: Path, candidates: list[Path]) -> Path | None:
 
     ranked = sorted(candidates, key=shared, reverse=True)
     if shared(ranked[0]) == 0 or shared(ranked[0]) == shared(ranked[1]):
-        log.warning("model %s has several projectors beside it and none fits its name better (%s); "
-                    "set its mmproj setting", model.name, ", ".join(p.name for p in ranked))
-        return None
+        return None  # ambiguous: ``ModelFile.unpaired`` says so, and the registry logs it
     return ranked[0]
 
 

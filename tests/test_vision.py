@@ -26,7 +26,7 @@ from conftest import JOIN_TIMEOUT, LiveServer, check_response, sse_events
 from gguf_factory import CHATML_TEMPLATE, write_audio_projector, write_llama_model, write_mlp_projector
 from PIL import Image
 
-from discovery import pair_projector
+from discovery import discover, pair_projector
 from errors import InvalidRequest
 from media import SENT_PIXELS, MediaLimits, decode_audio, decode_image
 
@@ -329,6 +329,18 @@ def test_ollama_images(server: LiveServer) -> None:
     with pytest.raises(ollama.ResponseError) as refused:
         client.chat(model=MODEL, messages=[{"role": "user", "content": "?", "images": [picture(1), b"junk"]}])
     assert refused.value.status_code == 400 and "messages[0].images[1]" in refused.value.error
+
+
+def test_discovery_pairs_projectors_by_folder(tmp_path: Path) -> None:
+    for name in ("a/model.gguf", "a/mmproj-model.gguf", "b/one.gguf", "b/two.gguf", "b/mmproj-x-f16.gguf",
+                 "b/mmproj-y-f16.gguf", "c/plain.gguf"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"GGUF")
+    found = discover(tmp_path)
+    assert sorted(found) == ["model", "one", "plain", "two"]  # projectors are not models
+    assert found["model"].mmproj == tmp_path / "a" / "mmproj-model.gguf"
+    assert found["one"].mmproj is None and found["one"].unpaired == ("mmproj-x-f16.gguf", "mmproj-y-f16.gguf")
+    assert found["plain"].mmproj is None and not found["plain"].unpaired
 
 
 # ------------------------------------------------------------------ http(s) image URLs
