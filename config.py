@@ -261,7 +261,7 @@ def _from_environ(environ: dict[str, str] | os._Environ[str]) -> dict[str, dict[
 
 
 def _parse_env_value(key: str, raw: str) -> Any:
-    if key in ("cors_origins", "api_keys", "admin_api_keys"):
+    if key in ("cors_origins", "api_keys", "admin_api_keys", "image_url_hosts"):
         return [origin.strip() for origin in raw.split(",") if origin.strip()]
     if key in ("models_directory", "data_directory"):
         return str(Path(raw).expanduser().resolve())

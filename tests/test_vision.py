@@ -26,6 +26,7 @@ from conftest import JOIN_TIMEOUT, LiveServer, check_response, sse_events
 from gguf_factory import CHATML_TEMPLATE, write_audio_projector, write_llama_model, write_mlp_projector
 from PIL import Image
 
+from config import load_settings
 from discovery import discover, pair_projector
 from errors import InvalidRequest
 from media import SENT_PIXELS, MediaLimits, decode_audio, decode_image
@@ -329,6 +330,14 @@ def test_ollama_images(server: LiveServer) -> None:
     with pytest.raises(ollama.ResponseError) as refused:
         client.chat(model=MODEL, messages=[{"role": "user", "content": "?", "images": [picture(1), b"junk"]}])
     assert refused.value.status_code == 400 and "messages[0].images[1]" in refused.value.error
+
+
+def test_media_settings_from_the_environment() -> None:
+    settings = load_settings(None, environ={"LLAMA_SERVER_MAX_IMAGE_BYTES": "5MiB",
+                                            "LLAMA_SERVER_IMAGE_URL_HOSTS": "a.example.com, b.example.com",
+                                            "LLAMA_SERVER_MAX_AUDIO_BYTES": "1MB"}).model_manager
+    assert (settings.max_image_bytes, settings.max_audio_bytes) == (5 * 2**20, 10**6)
+    assert settings.image_url_hosts == ["a.example.com", "b.example.com"]
 
 
 def test_discovery_pairs_projectors_by_folder(tmp_path: Path) -> None:
