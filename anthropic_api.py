@@ -33,7 +33,7 @@ from completions import ChoiceEvent, ChoiceResult, Finished, Job, StreamRenderer
 from dialects import Content, Reasoning, ToolCallArgs, ToolCallStart
 from errors import ServiceError, register_error_shape
 from model_manager import Mode
-from request_checks import apply_defaults, judge
+from request_checks import apply_defaults, decode_media, judge
 from schemas import parse_body
 from state import app_state
 
@@ -80,7 +80,8 @@ def count_tokens() -> Response:
     model_id = manager.resolve(chat.model)
     manager.check_mode(model_id, Mode.GENERATE)
     apply_defaults(chat, manager.model_settings(model_id).default)  # a default enable_thinking shapes the prompt
-    return jsonify({"input_tokens": completions.count_prompt_tokens(manager, model_id, chat)})
+    media = decode_media(manager, model_id, chat)
+    return jsonify({"input_tokens": completions.count_prompt_tokens(manager, model_id, chat, media)})
 
 
 def stop_reason(finish: str, job: Job, asked: list[str]) -> tuple[str, str | None]:

@@ -17,7 +17,8 @@ apply exactly as on ``/v1/chat/completions``:
   the ``reasoning_effort``.
 
 Unknown fields are ignored, as Anthropic's clients send fields with no meaning here
-(``metadata``, ``service_tier``); content this server cannot honour (images, documents, server
+(``metadata``, ``service_tier``); ``image`` blocks (base64 or URL sources) become ``image_url``
+parts, for models with a projector. Content this server cannot honour (documents, server
 tools) is refused. ``grammar``, ``logit_bias``, ``seed`` and ``keep_alive`` are accepted as on
 ``/v1/chat/completions``.
 """
@@ -71,6 +72,31 @@ class ToolResultBlock(_Body):
         return "Error: " + text if self.is_error else text
 
 
+class ImageSource(_Body):
+    type: Literal["base64", "url"]
+    media_type: str | None = None  # declared; the server reads the format from the bytes
+    data: str | None = None
+    url: str | None = None
+
+    @model_validator(mode="after")
+    def _has_data(self) -> ImageSource:
+        needed = "data" if self.type == "base64" else "url"
+        if getattr(self, needed) is None:
+            raise ValueError(f"an image source of type {self.type!r} needs its {needed}")
+        return self
+
+
+class ImageBlock(_Body):
+    type: Literal["image"]
+    source: ImageSource
+
+    def part(self, param: str) -> dict[str, Any]:
+        """The chat request's ``image_url`` part for this picture."""
+        source = self.source
+        url = source.url if source.type == "url" else f"data:{source.media_type or 'image'};base64,{source.data}"
+        return {"type": "image_url", "image_url": {"url": url}, "source": param}
+
+
 class ThinkingBlock(_Body):
     type: Literal["thinking"]
     thinking: str
@@ -82,10 +108,10 @@ class RedactedThinkingBlock(_Body):
     data: str
 
 
-ContentBlock = Annotated[TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock,
-                         Field(discriminator="type")]
+ContentBlock = Annotated[TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock
+                         | RedactedThinkingBlock, Field(discriminator="type")]
 # Which blocks each role may send (Anthropic's own rule): anything else is refused, not dropped.
-_ALLOWED = {"user": (TextBlock, ToolResultBlock),
+_ALLOWED = {"user": (TextBlock, ImageBlock, ToolResultBlock),
             "assistant": (TextBlock, ToolUseBlock, ThinkingBlock, RedactedThinkingBlock)}
 
 
@@ -198,16 +224,22 @@ def _messages(body: CountTokensRequest) -> list[dict[str, Any]]:
             if not isinstance(block, _ALLOWED[message.role]):
                 raise InvalidRequest(f"Invalid 'messages[{at}].content[{position}]': a {block.type} block cannot "
                                      f"be sent in a {message.role} message", param=f"messages[{at}].content")
-        messages.extend(_user(message.content) if message.role == "user" else [_assistant(message.content)])
+        messages.extend(_user(message.content, at) if message.role == "user" else [_assistant(message.content)])
     return messages
 
 
-def _user(blocks: list[Any]) -> list[dict[str, Any]]:
-    """Tool results first, as Anthropic asks clients to send them, then the user's text."""
+def _user(blocks: list[Any], at: int) -> list[dict[str, Any]]:
+    """Tool results first, as Anthropic asks clients to send them, then the user's text and
+    pictures, in their order."""
     messages: list[dict[str, Any]] = [{"role": "tool", "tool_call_id": b.tool_use_id, "content": b.text()}
                                       for b in blocks if isinstance(b, ToolResultBlock)]
     texts = [b for b in blocks if isinstance(b, TextBlock)]
-    if texts or not messages:
+    if any(isinstance(b, ImageBlock) for b in blocks):
+        parts = [{"type": "text", "text": b.text} if isinstance(b, TextBlock)
+                 else b.part(f"messages[{at}].content[{i}]")
+                 for i, b in enumerate(blocks) if isinstance(b, TextBlock | ImageBlock)]
+        messages.append({"role": "user", "content": parts})
+    elif texts or not messages:
         messages.append({"role": "user", "content": _joined(texts)})
     return messages
 

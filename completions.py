@@ -33,10 +33,11 @@ import sse
 from chat_format import ChatPrompt, ChatTemplate
 from dialects import Content, Event, Reasoning, Result, ToolCallArgs, ToolCallStart
 from engine.client import RequestFailed, Stream, WorkerCrashed
-from engine.protocol import SamplingParams, TokenLogprob
+from engine.protocol import MEDIA_MARKER, MediaInput, SamplingParams, TokenLogprob
 from errors import ContextLengthExceeded, InferenceFailed, InvalidRequest, ServiceError
 from fingerprint import SYSTEM_FINGERPRINT
 from grammar.request import grammar_param
+from media import Media
 from model_manager import Lease, ModelManager
 from request_checks import Verdict, check_token_ids
 from schemas import ChatCompletionRequest, CompletionRequest, _Generation
@@ -63,7 +64,7 @@ class Job:
     kind: str  # "chat" or "text"
     lease: Lease
     request: _Generation
-    prompts: list[list[int]]
+    prompts: list[list[int]]  # as sent (without the cells their media take in the worker)
     streams: list[Stream]  # one per choice (``n`` per prompt, in prompt order), all submitted at once
     reading: ChatPrompt | None = None  # a chat answer's dialect and how to read it
     observer: Observer | None = None
@@ -117,7 +118,8 @@ class Job:
     def usage(self) -> dict[str, Any]:
         """OpenAI's ``usage``: each prompt counted once, completions summed over the choices;
         ``cached_tokens`` were reused from the KV cache."""
-        prompt = sum(len(tokens) for tokens in self.prompts)
+        prompt = sum(stream.result.prompt_tokens or len(tokens)  # the worker counts media cells too
+                     for tokens, stream in zip(self.prompts, self.streams[::self.n], strict=False))
         completion = sum(s.result.completion_tokens for s in self.streams)
         cached = sum(s.result.cached_tokens for s in self.streams[::self.n])
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
@@ -140,12 +142,19 @@ def prepare(manager: ModelManager, kind: str, request: _Generation, verdict: Ver
         params = replace(verdict.params, stop=list(verdict.params.stop))
         reading = None
         prompt_param = "messages" if kind == "chat" else "prompt"
+        media: tuple[MediaInput, ...] = ()
         if isinstance(request, ChatCompletionRequest):
             template = chat_template(lease)
             reading = template.render(request)
             params.stop = params.stop + reading.stops
             params.preserved_tokens = template.preserved_tokens
-            prompts: list[list[int]] = [_tokenize(worker, reading.text, prompt_param)]
+            if verdict.media:
+                log.info("media model=%s images=%d sounds=%d", lease.model_id,
+                         sum(m.kind == "image" for m in verdict.media), sum(m.kind == "audio" for m in verdict.media))
+                tokens, media = _tokenize_with_media(worker, reading.text, verdict.media)
+                prompts: list[list[int]] = [tokens]
+            else:
+                prompts = [_tokenize(worker, reading.text, prompt_param)]
         else:
             assert isinstance(request, CompletionRequest)
             prompts = [p if isinstance(p, list) else _tokenize(worker, p, prompt_param) for p in request.prompts()]
@@ -160,7 +169,7 @@ def prepare(manager: ModelManager, kind: str, request: _Generation, verdict: Ver
         # Before the generations are submitted: a small model's first token can come back
         # before the Job exists, and a time to first token is never negative.
         started = time.monotonic()
-        streams = [worker.generate(tokens, _choice_params(params, choice))
+        streams = [worker.generate(tokens, _choice_params(params, choice), media)
                    for tokens in prompts for choice in range(request.n)]
         return Job(kind, lease, request, prompts, streams, reading, observer, disconnected, started=started)
     except WorkerCrashed as exc:
@@ -182,13 +191,21 @@ def chat_template(lease: Lease) -> ChatTemplate:
     return template
 
 
-def count_prompt_tokens(manager: ModelManager, model_id: str, request: ChatCompletionRequest) -> int:
+def count_prompt_tokens(manager: ModelManager, model_id: str, request: ChatCompletionRequest,
+                        media: list[Media] | None = None) -> int:
     """The tokens of ``request``'s prompt: its messages and tools rendered with the model's
-    template and tokenized in its worker, exactly as ``prepare`` would (loading the model if
-    it must; the lease is held only while counting)."""
+    template and tokenized in its worker, exactly as ``prepare`` would, with the cells its
+    ``media`` (decoded by ``request_checks.decode_media``) take (loading the model if it must;
+    the lease is held only while counting)."""
     lease = manager.acquire(model_id, keep_alive=request.keep_alive)
     try:
-        return len(_tokenize(lease.worker, chat_template(lease).render(request).text, "messages"))
+        text = chat_template(lease).render(request).text
+        if not media:
+            return len(_tokenize(lease.worker, text, "messages"))
+        tokens, placed = _tokenize_with_media(lease.worker, text, media)
+        return len(tokens) + sum(lease.worker.media_cells(placed))
+    except RequestFailed as exc:
+        raise InvalidRequest(exc.message, param=exc.param, code=exc.code) from None
     except WorkerCrashed as exc:
         raise lease.crashed(exc) from None
     finally:
@@ -203,15 +220,32 @@ def _choice_params(params: SamplingParams, choice: int) -> SamplingParams:
     return replace(params, seed=(params.seed + choice) & 0xFFFFFFFF)
 
 
-def _tokenize(worker: Any, text: str, param: str) -> list[int]:
+def _tokenize(worker: Any, text: str, param: str, allow_empty: bool = False) -> list[int]:
     """Tokenize with special tokens parsed; add BOS when the model wants one and it is absent."""
     tokens = worker.tokenize(text, add_special=False, parse_special=True)
     info = worker.info
     if info.add_bos and info.bos_token >= 0 and tokens[:1] != [info.bos_token]:
         tokens.insert(0, info.bos_token)
-    if not tokens:
+    if not tokens and not allow_empty:
         raise InvalidRequest("The prompt is empty", param=param)
     return tokens
+
+
+def _tokenize_with_media(worker: Any, text: str, media: list[Media]) -> tuple[list[int], tuple[MediaInput, ...]]:
+    """The prompt's text tokenized around its media markers, and each medium placed between
+    them (the worker splices in the cells it takes). The text of each stretch between markers
+    is tokenized alone, as llama.cpp's mtmd does."""
+    pieces = text.split(MEDIA_MARKER)
+    if len(pieces) - 1 != len(media):
+        raise InvalidRequest(f"The rendered prompt holds {len(pieces) - 1} media markers for {len(media)} pictures: "
+                             f"message text may not contain {MEDIA_MARKER!r}, and the chat template must keep "
+                             "every message with a picture", param="messages")
+    tokens = _tokenize(worker, pieces[0], "messages", allow_empty=True)
+    placed = []
+    for item, piece in zip(media, pieces[1:], strict=True):
+        placed.append(item.at(len(tokens)))
+        tokens.extend(worker.tokenize(piece, add_special=False, parse_special=True))
+    return tokens, tuple(placed)
 
 
 def _deltas(job: Job, index: int) -> Iterator[str]:

@@ -81,12 +81,26 @@ class ManagerSettings(_Section):
     rpc_servers: list[str] = []
     rpc_timeout: float = Field(5, gt=0)  # seconds for each RPC server's connection and handshake
 
+    # Pictures in chat requests (models with a projector): the largest image file accepted, and
+    # the most pixels it may decode to (a small file can hold a huge picture).
+    max_image_bytes: int = Field(20 * 2**20, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    # Sounds (``input_audio``, WAV) for models whose projector hears: the largest file accepted.
+    max_audio_bytes: int = Field(20 * 2**20, ge=1)
+    # ``image_url`` parts with http(s) URLs are fetched only from these hosts (none: data: URLs
+    # only), within this many seconds, and never from loopback or private addresses unless
+    # ``image_url_private`` allows it.
+    image_url_hosts: list[str] = []
+    image_url_timeout: float = Field(10, gt=0)
+    image_url_private: bool = False
+
     @field_validator("rpc_servers")
     @classmethod
     def _check_rpc_servers(cls, value: list[str]) -> list[str]:
         return check_rpc_servers(value)
 
-    @field_validator("memory_budget", "prompt_cache_bytes", mode="before")
+    @field_validator("memory_budget", "prompt_cache_bytes", "max_image_bytes", "max_audio_bytes",
+                     mode="before")
     @classmethod
     def _parse_size(cls, value: Any) -> Any:
         return parse_size(value) if isinstance(value, str) else value
@@ -114,6 +128,9 @@ class ModelSettings(_Section):
     embedding: bool = False  # an embedding model: /v1/embeddings only
     rpc_servers: list[str] | None = None  # replaces model_manager.rpc_servers ([]: this model stays local)
     chat_template: str | None = None  # a Jinja template replacing the model's own
+    # The multimodal projector (images, audio): a path (relative: to the models folder), or ""
+    # for none. Unset: the ``mmproj*.gguf`` beside the model file, by the rule in ``discovery``.
+    mmproj: str | None = None
     load: dict[str, Any] = {}  # any other llama_cpp.Llama argument, checked by name and type
     default: SamplingDefaults = SamplingDefaults()
 
@@ -273,7 +290,7 @@ def _from_environ(environ: dict[str, str] | os._Environ[str]) -> dict[str, dict[
 
 
 def _parse_env_value(key: str, raw: str) -> Any:
-    if key in ("cors_origins", "api_keys", "admin_api_keys", "rpc_servers"):
+    if key in ("cors_origins", "api_keys", "admin_api_keys", "rpc_servers", "image_url_hosts"):
         if raw.lstrip().startswith("["):  # a JSON list, as the other list settings take
             with contextlib.suppress(json.JSONDecodeError):
                 return json.loads(raw)

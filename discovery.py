@@ -2,9 +2,16 @@
 
 Rules: every ``*.gguf`` below the folder, recursively; the id is the file name without
 ``.gguf``; split models (``name-00001-of-00003.gguf``) are one model named ``name`` and
-loaded from the first part; ``mmproj*`` vision projectors are not models; when two files
-in different sub-folders share an id, both are named by their relative path instead.
-Nothing outside the folder is ever returned: symlinks that leave it are skipped.
+loaded from the first part; when two files in different sub-folders share an id, both are
+named by their relative path instead. Nothing outside the folder is ever returned: symlinks
+that leave it are skipped.
+
+Multimodal projectors (``mmproj*.gguf``, any case) are not models; a model is paired with
+one in its own folder (a model's ``mmproj`` setting overrides this): the only one there, or,
+when there are several, the one whose name after ``mmproj`` (and ``-``, ``_`` or ``.``)
+shares the longest start with the model's file name, e.g. ``mmproj-gemma-3-4b-it-f16.gguf``
+for ``gemma-3-4b-it-Q4_K_M.gguf`` beside ``mmproj-qwen2.5-vl-7b-f16.gguf``. A tie, or no
+shared start at all, pairs none (a warning says so).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import logging
 import os
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -29,6 +36,8 @@ class ModelFile:
     path: Path
     size: int
     created: int = 0
+    mmproj: Path | None = None  # the projector paired by the folder rule (see the module docstring)
+    unpaired: tuple[str, ...] = ()  # the projectors beside it when the rule could pick none of several
 
 
 def discover(models_dir: Path) -> dict[str, ModelFile]:
@@ -37,15 +46,41 @@ def discover(models_dir: Path) -> dict[str, ModelFile]:
     if not root.is_dir():
         return {}
     groups: dict[str, list[tuple[int, Path]]] = defaultdict(list)
+    projectors: dict[Path, list[Path]] = defaultdict(list)
     for path in _gguf_files(root):
         stem = path.name[: -len(".gguf")]
         if stem.lower().startswith("mmproj"):
+            projectors[path.parent].append(path)
             continue
         match = _SPLIT.match(stem)
         part = int(match["part"]) if match else 1
         relative_stem = path.relative_to(root).with_name(match["base"] if match else stem)
         groups[relative_stem.as_posix()].append((part, path))
-    return _assign_ids(root, groups)
+    models = _assign_ids(root, groups)
+    return {model_id: _paired(file, projectors.get(file.path.parent, [])) for model_id, file in models.items()}
+
+
+def _paired(file: ModelFile, candidates: list[Path]) -> ModelFile:
+    mmproj = pair_projector(file.path, candidates)
+    unpaired = tuple(sorted(p.name for p in candidates)) if mmproj is None and candidates else ()
+    return replace(file, mmproj=mmproj, unpaired=unpaired)
+
+
+def pair_projector(model: Path, candidates: list[Path]) -> Path | None:
+    """The projector of ``model`` among the ``mmproj*.gguf`` files of its folder (the rule in
+    the module docstring), or None."""
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    name = model.name.lower()
+
+    def shared(candidate: Path) -> int:
+        rest = candidate.name.lower()[len("mmproj"):].lstrip("-_.")
+        return next((i for i, (a, b) in enumerate(zip(rest, name, strict=False)) if a != b), min(len(rest), len(name)))
+
+    ranked = sorted(candidates, key=shared, reverse=True)
+    if shared(ranked[0]) == 0 or shared(ranked[0]) == shared(ranked[1]):
+        return None  # ambiguous: ``ModelFile.unpaired`` says so, and the registry logs it
+    return ranked[0]
 
 
 def _gguf_files(root: Path) -> list[Path]:

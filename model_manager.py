@@ -61,6 +61,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from capacity import Holder, plan_room
@@ -81,6 +82,7 @@ from gguf_meta import Shape, estimate_bytes, model_shape
 from instances import Instance, Mode, ModelState, worker_devices, worker_pid, worker_slots
 from memory import MemoryProbe
 from model_views import InstanceSnapshot, loaded_ids, model_view
+from projectors import capabilities, projector_media, projector_path, projector_size
 from registry import NO_SETTINGS, Registry
 from workers import LoadOptions, WorkerLauncher, default_threads
 
@@ -259,6 +261,15 @@ class ModelManager:
         """What the model's GGUF header says (vocabulary size, width...), without loading it."""
         return self._registry.header(model_id)
 
+    def projector(self, model_id: str) -> Path | None:
+        """The multimodal projector ``model_id`` loads with (``projectors.projector_path``), or None."""
+        file = self._registry.model_file(model_id)
+        return projector_path(file, self.model_settings(model_id), self.settings.models_directory)
+
+    def media(self, model_id: str) -> tuple[str, ...]:
+        """What ``model_id``'s projector reads (``"image"``, ``"audio"``), from its header; () without one."""
+        return projector_media(self.projector(model_id))
+
     def is_loaded(self, name: str | None, mode: Mode = Mode.GENERATE) -> bool:
         """Whether the model (after resolving ``name``) is loaded now; advisory only."""
         model_id = self.resolve(name)
@@ -413,14 +424,23 @@ class ModelManager:
             parallel=model.parallel if model.parallel is not None else settings.parallel,
             prompt_cache_bytes=settings.prompt_cache_bytes, worker_timeout=settings.worker_timeout,
             rpc_servers=tuple(_rpc_servers(settings, model)), rpc_timeout=settings.rpc_timeout,
+            mmproj=self._mmproj(instance),
             progress=lambda fraction: self._on_progress(instance, fraction),
             on_exit=lambda exit_info: self._on_worker_exit(instance, exit_info))
 
+    def _mmproj(self, instance: Instance) -> str | None:
+        """The projector a text generation instance loads with (an embedding one loads none)."""
+        path = self.projector(instance.file.id) if instance.mode is Mode.GENERATE else None
+        return str(path) if path is not None else None
+
     def _estimate(self, instance: Instance) -> int:
-        """Weights, KV cache and margin (``estimate_bytes``), plus the RAM its prompt cache may fill."""
+        """Weights (with the projector's), KV cache and margin (``estimate_bytes``), plus the RAM
+        its prompt cache may fill."""
         file = instance.file
         cache = self.settings.prompt_cache_bytes if instance.mode is Mode.GENERATE else 0
-        return estimate_bytes(file.size, model_shape(file.path, file.size, file.created),
+        mmproj = self._mmproj(instance)
+        weights = file.size + projector_size(Path(mmproj) if mmproj else None)
+        return estimate_bytes(weights, model_shape(file.path, file.size, file.created),
                               self._context_size(file)) + cache
 
     def _make_room(self, instance: Instance) -> None:
@@ -765,12 +785,15 @@ class ModelManager:
             files, settings = self._registry.listing_locked()
             instances = dict(self._instances)
         views = []
+        directory = self.settings.models_directory
         for file in files:
             generate = self._snapshot(instances.get((file.id, Mode.GENERATE)) or self._unloaded(file))
             embed = instances.get((file.id, Mode.EMBED))
             model = settings.get(file.id, NO_SETTINGS)
-            views.append(model_view(file, model, generate, self._snapshot(embed) if embed is not None else None,
-                                    root, _rpc_servers(self.settings, model)))
+            media = projector_media(projector_path(file, model, directory))
+            view = model_view(file, model, generate, self._snapshot(embed) if embed is not None else None,
+                              root, _rpc_servers(self.settings, model))
+            views.append({**view, "capabilities": capabilities(model, media)})
         return views
 
     def _unloaded(self, file: ModelFile) -> Instance:

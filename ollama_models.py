@@ -24,6 +24,7 @@ from errors import ModelNotFound
 from gguf_meta import ArrayLength, GGUFError, read_metadata
 from model_manager import ModelManager
 from ollama_schemas import OPTION_FIELDS
+from projectors import capabilities
 
 FOREVER = "9999-12-31T23:59:59Z"  # expires_at of a model that never unloads by itself
 TEMPLATE_KEY = "tokenizer.chat_template"
@@ -91,7 +92,8 @@ def show(manager: ModelManager, model_id: str) -> dict[str, Any]:
             "modelfile": f"# llama-cpp-server: {model_id} is a GGUF file in the models folder\nFROM {model_id}\n",
             "parameters": _parameters(settings), "template": template if isinstance(template, str) else "",
             "details": _details(meta), "model_info": _model_info(meta),
-            "capabilities": _capabilities(file, settings, meta), "modified_at": _iso(file.created)}
+            "capabilities": _capabilities(file, settings, meta, manager.media(model_id)),
+            "modified_at": _iso(file.created)}
 
 
 def has_template(manager: ModelManager, model_id: str) -> bool:
@@ -145,7 +147,7 @@ def _model_info(meta: dict[str, Any]) -> dict[str, Any]:
             for key, value in meta.items() if key != TEMPLATE_KEY}
 
 
-def _capabilities(file: ModelFile, settings: ModelSettings, meta: dict[str, Any]) -> list[str]:
+def _capabilities(file: ModelFile, settings: ModelSettings, meta: dict[str, Any], media: tuple[str, ...]) -> list[str]:
     arch = meta.get("general.architecture")
     found = []
     if settings.embedding or f"{arch}.pooling_type" in meta:
@@ -159,6 +161,7 @@ def _capabilities(file: ModelFile, settings: ModelSettings, meta: dict[str, Any]
         found.append("tools")
     if dialect.reasoning_markers is not None or dialect.program is not None:
         found.append("thinking")
+    found.extend(capability for capability in capabilities(settings, media) if capability in ("vision", "audio"))
     return found
 
 

@@ -136,15 +136,15 @@ def generate_request(body: GenerateRequest, model_id: str,
                      templated: bool) -> ChatCompletionRequest | CompletionRequest:
     """The completion an Ollama generate asks for: a one-turn chat through the model's template,
     or (``raw``, or a model without a template) the prompt as it is."""
-    _refuse(body.images, "images", "Images are not supported yet; send text only")
     _refuse(body.suffix, "suffix", "suffix (fill-in-the-middle) is not supported")
     _refuse(body.template, "template", "a per-request template is not supported; set the model's chat_template "
                                        "in the server's config")
     _refuse(body.context, "context", "context (the deprecated token history) is not supported; use /api/chat")
     if templated and not body.raw:
         messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
-            [{"role": "user", "content": body.prompt}]
+            [{"role": "user", "content": _with_images(body.prompt, body.images, "images")}]
         return validate_body({"model": model_id, "messages": messages, **_common(body)}, ChatCompletionRequest)
+    _refuse(body.images, "images", "pictures go through the model's chat template; a raw prompt cannot hold them")
     data = {"model": model_id, "prompt": body.prompt, **_common(body, chat=False)}
     request = validate_body(data, CompletionRequest)
     if "max_tokens" not in data:
@@ -189,8 +189,8 @@ def _common(body: _Generation, chat: bool = True) -> dict[str, Any]:
 
 def _message(message: Message, index: int) -> dict[str, Any]:
     """An Ollama message as an OpenAI one: thinking as ``reasoning_content``, call arguments as JSON text."""
-    _refuse(message.images, f"messages[{index}].images", "Images are not supported yet; send text only")
-    data: dict[str, Any] = {"role": message.role, "content": message.content}
+    data: dict[str, Any] = {"role": message.role,
+                            "content": _with_images(message.content, message.images, f"messages[{index}].images")}
     if message.thinking:
         data["reasoning_content"] = message.thinking
     if message.tool_calls:
@@ -201,6 +201,16 @@ def _message(message: Message, index: int) -> dict[str, Any]:
     if message.tool_name:
         data["name"] = message.tool_name
     return data
+
+
+def _with_images(text: str, images: list[str] | None, param: str) -> str | list[dict[str, Any]]:
+    """A message's content with its pictures (base64, as Ollama sends them) before its text, as
+    Ollama places them; each part remembers where the client put it, for errors."""
+    if not images:
+        return text
+    parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": "data:image;base64," + image},
+                                    "source": f"{param}[{n}]"} for n, image in enumerate(images)]
+    return [*parts, {"type": "text", "text": text}] if text else parts
 
 
 def _refuse(value: Any, param: str, message: str) -> None:

@@ -97,7 +97,11 @@ class Registry:
                 sync(found)
             unknown = sorted(set(self._models) - set(found))
         for model_id in added:
-            log.info("model discovered model=%s path=%s", model_id, found[model_id].path)
+            file = found[model_id]
+            log.info("model discovered model=%s path=%s mmproj=%s", model_id, file.path, file.mmproj or "-")
+            if file.unpaired:
+                log.warning("model %s has several projectors beside it and none fits its name best (%s); set its "
+                            "mmproj setting to use one", model_id, ", ".join(file.unpaired))
         for model_id in removed:
             log.info("model removed model=%s reason=file_gone", model_id)
         if unknown and (added or removed or not quiet):

@@ -10,7 +10,7 @@ the prompt's length against the context) is judged in ``completions.prepare``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
@@ -21,6 +21,7 @@ from engine.protocol import SamplingParams
 from errors import InvalidRequest
 from grammar.checker import GrammarChecker
 from grammar.request import grammar_for
+from media import Media, MediaLimits, decode_parts
 from model_manager import Mode, ModelManager
 from sampling import SAMPLING_FIELDS
 from schemas import ChatCompletionRequest, CompletionRequest, _Generation
@@ -32,6 +33,7 @@ class Verdict:
 
     model_id: str
     params: SamplingParams
+    media: list[Media] = field(default_factory=list)  # the conversation's pictures, decoded, in order
 
 
 def judge(manager: ModelManager, request: _Generation, grammars: GrammarChecker) -> Verdict:
@@ -58,7 +60,16 @@ def judge(manager: ModelManager, request: _Generation, grammars: GrammarChecker)
     path = manager.model_file(model_id).path
     dialect = file_dialect(path, settings.chat_template) if isinstance(request, ChatCompletionRequest) else GENERIC
     grammar = grammar_for(request, path, grammars, dialect)
-    return Verdict(model_id, sampling_params(request, grammar, logit_bias))
+    media = decode_media(manager, model_id, request)
+    return Verdict(model_id, sampling_params(request, grammar, logit_bias), media)
+
+
+def decode_media(manager: ModelManager, model_id: str, request: _Generation) -> list[Media]:
+    """The request's pictures decoded and checked (a model without a projector refuses them)."""
+    parts = request.media_parts() if isinstance(request, ChatCompletionRequest) else []
+    if not parts:
+        return []
+    return decode_parts(parts, MediaLimits.from_settings(manager.settings), manager.media(model_id), model_id)
 
 
 def apply_defaults(request: _Generation, defaults: BaseModel) -> None:

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from chat_options import ChatOptions
+from engine.protocol import MEDIA_MARKER
 from errors import InvalidRequest
 from sampling import SamplingFields
 
@@ -110,21 +111,58 @@ class TextPart(_Body):
     text: str
 
 
+class ImageURL(_Body):
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; the projector decides the resolution
+
+
+class ImagePart(_Body):
+    """A picture: a ``data:`` URL (base64), or an http(s) URL from an allowed host."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+    # Where the client put it, when an adapter (Anthropic, Ollama) built this part from its own
+    # shape: errors name that instead of this request's path.
+    source: str | None = None
+
+
+class InputAudio(_Body):
+    data: str = Field(min_length=1)  # base64
+    format: Literal["wav", "mp3"]
+
+
+class AudioPart(_Body):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+    source: str | None = None
+
+
+ContentPart = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
+MediaPart = ImagePart | AudioPart
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None  # an assistant turn's thinking, sent back (llama.cpp's name)
 
     def text(self) -> str:
-        """The message's text, text parts joined by newlines as llama.cpp's server does."""
+        """The message's text, text parts joined by newlines as llama.cpp's server does; each
+        picture or sound is ``MEDIA_MARKER`` where it was (the worker puts the media there)."""
         if isinstance(self.content, list):
-            return "\n".join(part.text for part in self.content)
+            return "\n".join(part.text if isinstance(part, TextPart) else MEDIA_MARKER for part in self.content)
         return self.content or ""
+
+    def media(self) -> list[tuple[int, MediaPart]]:
+        """The message's pictures and sounds with their index in ``content``."""
+        if not isinstance(self.content, list):
+            return []
+        return [(index, part) for index, part in enumerate(self.content) if isinstance(part, MediaPart)]
 
 
 class FunctionDef(_Body):
@@ -151,6 +189,12 @@ class ChatCompletionRequest(_Generation, ChatOptions):
     parallel_tool_calls: bool | None = None  # None: true, as OpenAI
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def media_parts(self) -> list[tuple[str, MediaPart]]:
+        """Every picture and sound of the conversation in order, each with where the client put
+        it (``messages[0].content[1]``, or what an adapter recorded)."""
+        return [(part.source or f"messages[{at}].content[{index}]", part)
+                for at, message in enumerate(self.messages) for index, part in message.media()]
 
     @model_validator(mode="after")
     def _chat_checks(self) -> ChatCompletionRequest:

@@ -58,6 +58,7 @@ class LoadOptions:
     extra: dict[str, Any] = field(default_factory=dict)  # more llama_cpp.Llama arguments
     rpc_servers: tuple[str, ...] = ()  # ggml RPC servers (host:port) to place layers on
     rpc_timeout: float = 5.0
+    mmproj: str | None = None  # the multimodal projector file
     progress: Callable[[float], None] | None = field(default=None, compare=False)
     on_exit: Callable[[ExitInfo], None] | None = field(default=None, compare=False)  # an unexpected exit
 
@@ -89,7 +90,7 @@ class WorkerLauncher:
             n_ctx=options.n_ctx, n_gpu_layers=options.n_gpu_layers, n_threads=options.n_threads,
             n_batch=int(extra.pop("n_batch", DEFAULT_N_BATCH)), embedding=options.embedding,
             parallel=options.parallel, prompt_cache_bytes=options.prompt_cache_bytes, extra=extra,
-            rpc_servers=options.rpc_servers, rpc_timeout=options.rpc_timeout)
+            rpc_servers=options.rpc_servers, rpc_timeout=options.rpc_timeout, mmproj=options.mmproj)
         try:
             worker.load(model.path, model_options, options.progress)
         except LoadError as exc:

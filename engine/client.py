@@ -299,10 +299,12 @@ class Worker:
 
     # ---- requests ----
 
-    def generate(self, prompt_tokens: list[int], params: p.SamplingParams) -> Stream:
-        """Start a generation; iterate the returned ``Stream`` for its text deltas."""
+    def generate(self, prompt_tokens: list[int], params: p.SamplingParams,
+                 media: tuple[p.MediaInput, ...] = ()) -> Stream:
+        """Start a generation; iterate the returned ``Stream`` for its text deltas. ``media``
+        go into the prompt at their ``at`` (the model must have a projector)."""
         request_id, inbox = self._open()
-        self._send(p.Generate(request_id, list(prompt_tokens), params), request_id)
+        self._send(p.Generate(request_id, list(prompt_tokens), params, media), request_id)
         return Stream(self, request_id, inbox, params)
 
     def embed(self, inputs: list[list[int]]) -> list[np.ndarray]:
@@ -323,6 +325,10 @@ class Worker:
     def tune(self, step_delay: float = 0.0, fail_after_steps: int | None = None) -> None:
         """Test seam: see ``protocol.Tune``."""
         self._send_quietly(p.Tune(step_delay, fail_after_steps))
+
+    def media_cells(self, media: tuple[p.MediaInput, ...]) -> list[int]:
+        """The prompt cells each of ``media`` takes in this model (``RequestFailed`` naming a bad one)."""
+        return self._call(lambda i: p.MediaCells(i, tuple(media)), "counting media")
 
     def stats(self) -> dict[str, int]:
         """The scheduler's counters (steps, batched steps, preemptions, prompt cache use, ...)."""

@@ -35,7 +35,8 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
 
-from engine.protocol import ModelInfo, ModelOptions, SamplingParams, TokenLogprob
+from engine.projector import MediaChunk, MediaError, Piece, Projector, ProjectorError
+from engine.protocol import MediaInput, ModelInfo, ModelOptions, SamplingParams, TokenLogprob
 
 PENALTY_LAST_N = 64
 MIN_FLASH_ATTN_HEAD_SIZE = 32  # smaller heads run without flash attention by default (see _load_hooks)
@@ -73,8 +74,8 @@ class NativeLog:
         self.complaints: deque[str] = deque(maxlen=8)
         self.model_buffers: dict[str, int] = {}  # the loader's "<buffer> model buffer size" lines
         self._last_level = logging.DEBUG
-        self._callback = llama_cpp.llama_log_callback(self._on_log)
-        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
+        self.callback = llama_cpp.llama_log_callback(self._on_log)
+        llama_cpp.llama_log_set(self.callback, ctypes.c_void_p(0))
 
     def _on_log(self, level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
         try:
@@ -163,6 +164,7 @@ class LoadedModel:
         self.n_batch = llama.n_batch
         self.n_vocab = llama.n_vocab()
         self.batch = Batch(llama._batch.batch, self.n_batch)
+        self.projector: Projector | None = None
 
     @classmethod
     def load(cls, path: str, options: ModelOptions, native_log: NativeLog,
@@ -188,9 +190,25 @@ class LoadedModel:
         except Exception as exc:  # llama-cpp-python raises ValueError/RuntimeError/OSError alike
             reason = native_log.complaints[-1] if native_log.complaints else str(exc)
             raise LoadError(reason) from None
-        return cls(llama, options, native_log)
+        model = cls(llama, options, native_log)
+        if options.mmproj and not options.embedding:
+            model._load_projector(options.mmproj)
+        return model
+
+    def _load_projector(self, path: str) -> None:
+        self.native_log.complaints.clear()
+        try:
+            self.projector = Projector(path, self.llama._model.model, n_threads=self.options.n_threads or 1,
+                                       use_gpu=self.options.n_gpu_layers != 0, log_callback=self.native_log.callback)
+        except ProjectorError as exc:
+            reason = self.native_log.complaints[-1] if self.native_log.complaints else str(exc)
+            self.close()
+            raise LoadError(f"multimodal projector: {reason}") from None
 
     def close(self) -> None:
+        if self.projector is not None:
+            self.projector.close()
+            self.projector = None
         self.llama.close()
 
     def info(self) -> ModelInfo:
@@ -209,7 +227,8 @@ class LoadedModel:
             add_sep=bool(llama_cpp.llama_vocab_get_add_sep(self._vocab)),
             sep_token=int(llama_cpp.llama_vocab_sep(self._vocab)),
             n_cls_out=(int(llama_cpp.llama_model_n_cls_out(model.model)) if self.is_reranker else 0),
-            devices=dict(self.native_log.model_buffers))
+            devices=dict(self.native_log.model_buffers),
+            media=self.projector.media if self.projector is not None else ())
 
     @property
     def is_reranker(self) -> bool:
@@ -259,6 +278,24 @@ class LoadedModel:
 
     def valid_token(self, token: int) -> bool:
         return 0 <= token < self.n_vocab
+
+    # ---- media (a projector's pictures and sounds) ----
+
+    def split_media(self, media: MediaInput) -> list[Piece]:
+        """The text tokens and encoder chunks ``media`` takes in a prompt (``projector.MediaError``
+        when it cannot be used; a model without a projector reads no media)."""
+        if self.projector is None:
+            raise MediaError("this model has no multimodal projector", media.param)
+        return self.projector.split(media)
+
+    def eval_media(self, chunk: MediaChunk, seq: int, position: int) -> int:
+        """Encode ``chunk`` and decode its embeddings into ``seq`` from ``position``; 0 when done."""
+        assert self.projector is not None
+        return self.projector.evaluate(chunk, self._ctx, position, seq, self.n_batch)
+
+    @staticmethod
+    def free_media(chunk: MediaChunk) -> None:
+        Projector.free(chunk)
 
     # ---- decode and KV sequences ----
 

@@ -9,8 +9,8 @@ dicts, numpy arrays) so that neither end ever unpickles a live object.
 Every message from the parent that expects an answer carries an ``id`` chosen by the parent;
 every answer carries the same ``id``. ``Ready``, ``Log`` and ``Heartbeat`` carry none.
 
-Parent to worker: ``Load``, ``Generate``, ``Cancel``, ``Embed``, ``Tokenize``, ``Detokenize``, ``GetStats``,
-``Shutdown``, and ``Tune`` (tests only).
+Parent to worker: ``Load``, ``Generate``, ``Cancel``, ``Embed``, ``Tokenize``, ``Detokenize``, ``MediaCells``,
+``GetStats``, ``Shutdown``, and ``Tune`` (tests only).
 Worker to parent: ``Ready``, ``Progress``, ``Log``, ``Loaded``, ``LoadFailed``, ``Started``,
 ``Delta``, ``Done``, ``Error``, ``Reply``, ``Heartbeat``, and ``Bundle`` (several of these from
 one decode step, in order).
@@ -23,6 +23,9 @@ from typing import Any, Literal
 
 ErrorKind = Literal["invalid_request", "internal"]
 FinishReason = Literal["stop", "length", "cancelled"]
+MediaKind = Literal["image", "audio"]
+# Where a picture (or a sound) goes in a rendered prompt: llama.cpp's mtmd default marker.
+MEDIA_MARKER = "<__media__>"
 
 
 @dataclass
@@ -63,6 +66,7 @@ class ModelOptions:
     extra: dict[str, Any] = field(default_factory=dict)  # more llama_cpp.Llama arguments
     rpc_servers: tuple[str, ...] = ()  # host:port of ggml RPC servers to place layers on
     rpc_timeout: float = 5.0  # seconds for each RPC server's connection and handshake
+    mmproj: str | None = None  # the multimodal projector file (images, audio), if the model has one
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,7 @@ class ModelInfo:
     # Where the weights went: llama.cpp's buffer name (``CPU_Mapped``, ``RPC0[host:port]``,
     # ``CUDA0``...) and its bytes, as its loader reported them.
     devices: dict[str, int] = field(default_factory=dict)
+    media: tuple[MediaKind, ...] = ()  # what its projector reads: "image", "audio"; () without one
 
 
 # ---- parent to worker ----
@@ -104,10 +109,32 @@ class Load:
 
 
 @dataclass(frozen=True)
+class MediaInput:
+    """One picture (or sound) of a prompt, already decoded and checked by the server: the
+    worker's own decoders never see what a client sent.
+
+    An image is ``width`` x ``height`` RGB pixels (``data``: 3 bytes each, row by row); audio
+    is ``width`` samples of mono float32 PCM at ``height`` samples per second (the worker
+    resamples it to its projector's rate).
+    ``digest`` identifies the content (the prompt cache keys on it); ``param`` is where the
+    client put it (``messages[0].content[1]``), for errors.
+    """
+
+    at: int  # index in the prompt's tokens before which it goes
+    kind: MediaKind
+    width: int
+    height: int
+    data: bytes
+    digest: bytes
+    param: str = "messages"
+
+
+@dataclass(frozen=True)
 class Generate:
     id: int
     prompt: list[int]
     params: SamplingParams
+    media: tuple[MediaInput, ...] = ()  # each spliced into ``prompt`` at its ``at``, in order
 
 
 @dataclass(frozen=True)
@@ -137,6 +164,15 @@ class Detokenize:
     id: int
     tokens: list[int]
     per_token: bool = False
+
+
+@dataclass(frozen=True)
+class MediaCells:
+    """How many prompt cells (tokens and embeddings) each of ``media`` takes: a ``Reply`` with
+    one count per input, or an ``Error`` naming the input that cannot be used."""
+
+    id: int
+    media: tuple[MediaInput, ...]
 
 
 @dataclass(frozen=True)
@@ -198,7 +234,8 @@ class LoadFailed:
 
 @dataclass(frozen=True)
 class Started:
-    """A generation has a slot; ``cached_tokens`` of its prompt were reused rather than decoded."""
+    """A generation has a slot; ``cached_tokens`` of its prompt were reused rather than decoded.
+    ``prompt_tokens`` counts the positions its media took too."""
 
     id: int
     prompt_tokens: int

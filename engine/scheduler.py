@@ -33,6 +33,16 @@ most recently admitted one is preempted: its KV is dropped and it goes back to t
 queue with its tokens so far and its sampler, to be prefilled again (recompute) when room returns.
 The oldest sequence always progresses, so every sequence eventually finishes. A prompt that
 leaves no room in the context is refused at submission; ``max_tokens`` is clamped to the room.
+
+Media (pictures, sounds; see ``engine.projector``): at submission each media input is split
+by the projector into text tokens and encoder chunks, and spliced into the prompt; a chunk's
+cells appear in ``tokens`` as placeholder ids derived from the media's digest, so prefix
+matching, the RAM prompt cache and shared prompts treat a picture like any run of tokens: a
+later turn about the same picture reuses its KV and does not encode it again, and a
+different picture never matches. Text around a chunk is read in the ordinary batches; each
+step also encodes at most one chunk, for one sequence (the oldest that reached one), with
+its own decodes, beside the other sequences' batch. A prefix is kept or cut at a chunk's
+edges, never inside one.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from typing import Any
 
 from engine import protocol as p
 from engine.llama_adapter import GRAMMAR_COMPLETE, LoadedModel, SamplerError, SequenceSampler
+from engine.projector import MediaChunk, MediaError
 from engine.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -71,6 +82,25 @@ class Sequence:
     # Log probabilities of tokens whose text is still held back (a stop string may begin), each
     # with the character count its text ends at: they go out with their text, or not at all.
     held_logprobs: list[tuple[p.TokenLogprob, int]] = field(default_factory=list)
+    media: dict[int, MediaChunk] = field(default_factory=dict)  # index in ``tokens`` -> the chunk starting there
+
+    def position(self, index: int) -> int:
+        """The KV position of ``tokens[index]``: its index, less the cells beyond their
+        positions of the media before it (M-RoPE models give a picture fewer positions)."""
+        shift = sum(c.n_tokens - c.n_pos for start, c in self.media.items() if start + c.n_tokens <= index)
+        return index - shift
+
+    def media_floor(self, index: int) -> int:
+        """``index``, or the start of the media chunk it falls inside: a chunk is kept whole or not at all."""
+        for start, chunk in self.media.items():
+            if start < index < start + chunk.n_tokens:
+                return start
+        return index
+
+    def text_run(self, index: int, limit: int) -> int:
+        """How many of at most ``limit`` tokens from ``index`` are text (before the next media chunk)."""
+        ahead = [start - index for start in self.media if start >= index]
+        return min([limit, *ahead])
 
 
 @dataclass
@@ -170,6 +200,13 @@ def _released(request: Sequence) -> tuple[p.TokenLogprob, ...]:
     return released
 
 
+def media_placeholder(digest: bytes, part: int) -> int:
+    """The token id standing for the cells of part ``part`` of the media with ``digest`` in a
+    sequence's tokens: negative (no vocabulary id is), and 128 bits of the digest wide, so
+    two different pictures never share one."""
+    return -(1 + (int.from_bytes(digest[:16], "big") << 8) + part % 256)
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -198,7 +235,7 @@ class Scheduler:
         self.stats: dict[str, int] = dict.fromkeys(
             ("steps", "decoded_tokens", "multi_sequence_steps", "mixed_steps", "max_sequences_in_step",
              "prefill_chunks", "preemptions", "kv_full", "cache_saves", "cache_restores", "cached_tokens",
-             "shared_prompts"), 0)
+             "shared_prompts", "media_chunks", "media_tokens", "media_beside_generation"), 0)
 
     @property
     def busy(self) -> bool:
@@ -215,13 +252,24 @@ class Scheduler:
     def submit(self, message: p.Generate) -> None:
         """Queue a generation, or answer with an ``Error`` at once when it cannot run."""
         prompt = list(message.prompt)
-        error = self._judge(prompt)
+        error = self._judge_tokens(prompt)
+        media: dict[int, MediaChunk] = {}
+        if error is None and message.media:
+            try:
+                prompt, media = self._with_media(prompt, message.media)
+            except MediaError as exc:
+                self.send(p.Error(message.id, "invalid_request", str(exc), param=exc.param, code="invalid_media"))
+                return
+            error = self._judge_media(prompt, media)
+        error = error or self._judge_length(prompt)
         if error is not None:
+            self._free_media(media)
             self.send(p.Error(message.id, "invalid_request", error[0], param="prompt", code=error[1]))
             return
         try:
             sampler = self.model.sampler(message.params)
         except SamplerError as exc:
+            self._free_media(media)
             self.send(p.Error(message.id, "invalid_request", str(exc), param=exc.param))
             return
         room = self.kv_size - len(prompt)
@@ -229,13 +277,51 @@ class Scheduler:
         max_tokens = room if limit is None else max(0, min(limit, room))
         self._order += 1
         self.queue.append(Sequence(message.id, len(prompt), message.params, sampler, TextStream(message.params.stop),
-                                   max_tokens, prompt, self._order))
+                                   max_tokens, prompt, self._order, media=media))
 
-    def _judge(self, prompt: list[int]) -> tuple[str, str | None] | None:
+    def _with_media(self, prompt: list[int],
+                    inputs: tuple[p.MediaInput, ...]) -> tuple[list[int], dict[int, MediaChunk]]:
+        """``prompt`` with each media input spliced in: its text tokens as they are, each
+        encoder chunk as placeholder ids derived from the media's digest (so the prompt cache
+        matches a conversation only with the very same pictures, and a cached one is not
+        encoded again). Raises ``MediaError``; frees what it made when it does."""
+        tokens: list[int] = []
+        media: dict[int, MediaChunk] = {}
+        taken = 0
+        try:
+            for item in sorted(inputs, key=lambda m: m.at):
+                tokens.extend(prompt[taken:item.at])
+                taken = max(taken, item.at)
+                for part, piece in enumerate(self.model.split_media(item)):
+                    if isinstance(piece, MediaChunk):
+                        media[len(tokens)] = piece
+                        tokens.extend([media_placeholder(item.digest, part)] * piece.n_tokens)
+                    else:
+                        tokens.extend(piece)
+        except BaseException:
+            self._free_media(media)
+            raise
+        tokens.extend(prompt[taken:])
+        return tokens, media
+
+    def _free_media(self, media: dict[int, MediaChunk]) -> None:
+        for chunk in media.values():
+            self.model.free_media(chunk)
+
+    def _judge_tokens(self, prompt: list[int]) -> tuple[str, str | None] | None:
         if not prompt:
             return "the prompt is empty", None
         if not all(self.model.valid_token(t) for t in prompt):
             return f"prompt token ids must be between 0 and {self.model.n_vocab - 1}", None
+        return None
+
+    @staticmethod
+    def _judge_media(prompt: list[int], media: dict[int, MediaChunk]) -> tuple[str, str | None] | None:
+        if media and prompt[-1] < 0:  # the first token is sampled from the last prompt token's logits
+            return "the prompt must end with text, not with a picture or a sound", None
+        return None
+
+    def _judge_length(self, prompt: list[int]) -> tuple[str, str | None] | None:
         if len(prompt) >= self.kv_size:
             return (f"This model's context window is {self.kv_size} tokens; the prompt has {len(prompt)} tokens, "
                     "leaving no room for a completion"), "context_length_exceeded"
@@ -246,7 +332,7 @@ class Scheduler:
         for request in self.queue:
             if request.id == request_id:
                 self.queue.remove(request)
-                request.sampler.close()
+                self._close(request)
                 self.send(p.Done(request.id, request.completion_tokens, "cancelled", request.first_token_at))
                 return
         for slot in self.slots:
@@ -260,7 +346,12 @@ class Scheduler:
         """Admit, plan one batch, decode it once, sample and stream. See the module docstring."""
         self._clock += 1
         self._admit()
-        plan = self._plan()
+        media = self._plan_media()
+        plan = self._plan(media[1].n_tokens if media is not None else 0)
+        if media is not None and media[0].request is not None:  # (planning may have preempted it)
+            self._eval_media(*media)
+            if any(n == 1 and slot.request and slot.request.completion_tokens for slot, n in plan):
+                self.stats["media_beside_generation"] += 1
         if not plan:
             return
         logits_rows = self._fill_batch(plan)
@@ -297,7 +388,8 @@ class Scheduler:
     def _catch_up(self, follower: Slot, leader: Slot, row: int) -> None:
         """Give ``follower`` the leader's freshly decoded prompt and sample its first token."""
         follower.follows = None
-        self.model.seq_cp(leader.seq, follower.seq, 0, len(leader.cache))
+        assert leader.request is not None
+        self.model.seq_cp(leader.seq, follower.seq, 0, leader.request.position(len(leader.cache)))
         follower.cache = list(leader.cache)
         follower.shares = (leader, len(leader.cache))
         follower.last_used = self._clock
@@ -326,7 +418,8 @@ class Scheduler:
             start = len(slot.cache)
             last = start + n == len(request.tokens)
             for position in range(start, start + n):
-                index = batch.add(request.tokens[position], position, slot.seq, last and position == start + n - 1)
+                index = batch.add(request.tokens[position], request.position(position), slot.seq,
+                                  last and position == start + n - 1)
             if last:
                 rows[slot.seq] = index
         return rows
@@ -373,7 +466,7 @@ class Scheduler:
         self._vacate(slot)
         self._held = False
         slot.last_used = self._clock
-        request.sampler.close()
+        self._close(request)
         if reason != "cancelled":
             tail = request.text.flush()
             # After a stop string the text it cut is gone, and the entries of its tokens with it.
@@ -387,7 +480,7 @@ class Scheduler:
         assert request is not None
         self._vacate(slot)
         self._held = False
-        request.sampler.close()
+        self._close(request)
         self.send(p.Error(request.id, "invalid_request", message, param=param))
 
     def _fail(self, slot: Slot, message: str) -> None:
@@ -395,8 +488,12 @@ class Scheduler:
         assert request is not None
         self._vacate(slot)
         self._held = False
-        request.sampler.close()
+        self._close(request)
         self.send(p.Error(request.id, "internal", message))
+
+    def _close(self, request: Sequence) -> None:
+        request.sampler.close()
+        self._free_media(request.media)
 
     def _vacate(self, slot: Slot) -> None:
         """Take the slot's request away; requests that were to share its prompt prefill for themselves."""
@@ -443,7 +540,7 @@ class Scheduler:
                     return  # it waits until a running sequence finishes and gives its room back
                 self.queue.popleft()
                 self._park_idle(exclude=slot)
-                cached = self._reuse(slot, request.tokens)
+                cached = self._reuse(slot, request)
             slot.request = request
             slot.last_used = self._clock
             if not request.started:
@@ -491,8 +588,9 @@ class Scheduler:
             best = min(idle, key=lambda s: (bool(s.cache), s.last_used))
         return best
 
-    def _reuse(self, slot: Slot, prompt: list[int]) -> int:
-        """Prepare ``slot`` for ``prompt``: keep the longest usable cached prefix; return its length."""
+    def _reuse(self, slot: Slot, request: Sequence) -> int:
+        """Prepare ``slot`` for ``request``: keep the longest usable cached prefix; return its length."""
+        prompt = request.tokens
         shared = common_prefix(slot.cache, prompt)
         key, cached_len = self.cache.best(prompt)
         if key is not None and cached_len > shared and cached_len >= MIN_CACHED_TOKENS:
@@ -503,8 +601,8 @@ class Scheduler:
             shared = 0
         elif shared < len(slot.cache):
             self._save(slot)  # the cut below loses the old conversation's tail
-        keep = min(shared, len(prompt) - 1)  # decode at least one token, for fresh logits
-        if keep < len(slot.cache) and not self.model.seq_rm(slot.seq, keep, -1):
+        keep = request.media_floor(min(shared, len(prompt) - 1))  # decode at least one token, for fresh logits
+        if keep < len(slot.cache) and not self.model.seq_rm(slot.seq, request.position(keep), -1):
             self._drop_kv(slot)  # this memory cannot cut mid-sequence (e.g. sliding window)
             keep = 0
         del slot.cache[keep:]
@@ -541,38 +639,78 @@ class Scheduler:
                 used -= min(n, len(partner.cache), len(slot.cache))
         return used
 
-    def _plan(self) -> list[tuple[Slot, int]]:
-        """The batch of this step: (slot, tokens to decode), generating sequences first."""
+    def _active(self) -> list[Slot]:
+        """Slots decoding for themselves, oldest request first."""
+        return sorted((s for s in self.slots if s.request and s.follows is None),
+                      key=lambda s: s.request.order)  # type: ignore[union-attr]
+
+    def _plan_media(self) -> tuple[Slot, MediaChunk] | None:
+        """The one media chunk this step encodes: the oldest sequence's whose prompt reached
+        one, once its cells are free. The oldest may preempt newer sequences for them, as a
+        generating one may; a newer one waits."""
+        for rank, slot in enumerate(self._active()):
+            request = slot.request
+            assert request is not None
+            chunk = request.media.get(len(slot.cache))
+            if chunk is None:
+                continue
+            self._make_room(chunk.n_tokens)
+            while rank == 0 and self.kv_size - self._kv_used() < chunk.n_tokens and self._preempt_newest(True):
+                pass
+            return (slot, chunk) if self.kv_size - self._kv_used() >= chunk.n_tokens else None
+        return None
+
+    def _plan(self, reserved: int = 0) -> list[tuple[Slot, int]]:
+        """The batch of this step: (slot, tokens to decode), generating sequences first.
+        ``reserved`` cells are already promised to this step's media chunk."""
         while True:
-            active = sorted((s for s in self.slots if s.request and s.follows is None),
-                            key=lambda s: s.request.order)  # type: ignore[union-attr]
+            active = self._active()
             if not active:
                 return []
             generating = [s for s in active if s.pending() == 1]
-            self._make_room(len(generating))
-            if self.kv_size - self._kv_used() < len(generating):
+            self._make_room(reserved + len(generating))
+            if self.kv_size - self._kv_used() - reserved < len(generating):
                 self._preempt_newest(keep_one=True)
                 continue
             plan = [(s, 1) for s in generating]
-            planned = len(plan)
+            planned = reserved + len(plan)
             for slot in active:
                 pending = slot.pending()
                 if pending <= 1:
                     continue
-                want = min(pending, self.model.n_batch - planned)
-                if want <= 0:
+                room = self.model.n_batch - (planned - reserved)
+                if room <= 0:
                     break
+                want = slot.request.text_run(len(slot.cache), min(pending, room))  # type: ignore[union-attr]
+                if want == 0:
+                    continue  # a media chunk comes next: ``_plan_media``'s
                 self._make_room(planned + want)
                 n = min(want, self.kv_size - self._kv_used() - planned)
                 if n <= 0:
                     break
                 plan.append((slot, n))
                 planned += n
-            if plan:
+            if plan or reserved or any(s.request.media.get(len(s.cache)) for s in active):  # type: ignore[union-attr]
                 return plan
             if not self._preempt_newest(keep_one=True):  # the oldest alone fits by construction
                 self._fail(active[0], "the KV cache has no room for this sequence")
                 self._drop_kv(active[0])
+
+    def _eval_media(self, slot: Slot, chunk: MediaChunk) -> None:
+        """Encode one media chunk of ``slot``'s prompt into its sequence (its own decodes)."""
+        request = slot.request
+        assert request is not None
+        start = len(slot.cache)
+        rc = self.model.eval_media(chunk, slot.seq, request.position(start))
+        if rc != 0:
+            log.error("encoding a media chunk of %d tokens failed for request %d: %d", chunk.n_tokens, request.id, rc)
+            self._drop_kv(slot)
+            self._fail(slot, f"encoding the media failed ({rc})")
+            return
+        slot.cache.extend(request.tokens[start: start + chunk.n_tokens])
+        slot.last_used = self._clock
+        self.stats["media_chunks"] += 1
+        self.stats["media_tokens"] += chunk.n_tokens
 
     def _make_room(self, cells: int, exclude: Slot | None = None) -> None:
         """Evict idle slots, least recently used first, until ``cells`` are free (or none is left)."""

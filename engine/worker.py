@@ -37,6 +37,7 @@ import numpy as np
 from engine import ggml_rpc
 from engine import protocol as p
 from engine.llama_adapter import LoadedModel, LoadError, NativeLog
+from engine.projector import MediaChunk, MediaError
 from engine.scheduler import Scheduler
 
 HEARTBEAT_SECONDS = 1.0
@@ -97,7 +98,8 @@ class WorkerLoop:
         self.running = True
         self.handlers: dict[type, Callable[[Any], None]] = {
             p.Generate: self._generate, p.Cancel: self._cancel, p.Embed: self._embed,
-            p.Tokenize: self._tokenize, p.Detokenize: self._detokenize, p.GetStats: self._stats,
+            p.Tokenize: self._tokenize, p.Detokenize: self._detokenize, p.MediaCells: self._media_cells,
+            p.GetStats: self._stats,
             p.Shutdown: self._shutdown,
             p.Tune: self._tune,
         }
@@ -273,6 +275,23 @@ class WorkerLoop:
         pieces = [model.piece(t, special=True) for t in message.tokens]
         value: Any = pieces if message.per_token else b"".join(pieces).decode("utf-8", errors="replace")
         self.channel.send(p.Reply(message.id, value))
+
+    def _media_cells(self, message: p.MediaCells) -> None:
+        model = self.model
+        assert model is not None
+        counts = []
+        for item in message.media:
+            try:
+                pieces = model.split_media(item)
+            except MediaError as exc:
+                self.channel.send(p.Error(message.id, "invalid_request", str(exc), param=exc.param,
+                                          code="invalid_media"))
+                return
+            counts.append(sum(piece.n_tokens if isinstance(piece, MediaChunk) else len(piece) for piece in pieces))
+            for piece in pieces:
+                if isinstance(piece, MediaChunk):
+                    model.free_media(piece)
+        self.channel.send(p.Reply(message.id, counts))
 
     def _stats(self, message: p.GetStats) -> None:
         stats = self.scheduler.snapshot() if self.scheduler is not None else {}

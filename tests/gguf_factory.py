@@ -34,7 +34,9 @@ __all__ = [
     "EOS_ID",
     "UNK_ID",
     "build_vocab",
+    "write_audio_projector",
     "write_llama_model",
+    "write_mlp_projector",
     "write_not_gguf",
     "write_truncated_model",
     "write_vocab_only_model",
@@ -397,6 +399,158 @@ def write_bert_reranker(path: str | os.PathLike[str], *, n_embd: int = 32, n_lay
         tensor("cls.output.weight", 1, n_embd)
         tensor("cls.output.bias", 1, kind="zeros")
         writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return path
+
+
+def write_mlp_projector(
+    path: str | os.PathLike[str],
+    *,
+    n_embd_text: int = 64,
+    n_embd: int = 32,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_ff: int = 64,
+    image_size: int = 32,
+    patch_size: int = 8,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny LLaVA-style vision projector (``mmproj``) for a text model of width ``n_embd_text``.
+
+    llama.cpp's ``clip.cpp`` reads it as projector type ``mlp`` (LLaVA 1.5): a small ViT
+    (patch embedding, learned positions, ``n_layer`` pre-norm blocks of which all but the
+    last run, as LLaVA takes the second-to-last layer's features) and a two-layer GELU MLP
+    into the text model's embedding space. Images are padded to a square and resized to
+    ``image_size``, so every image becomes ``(image_size / patch_size) ** 2`` embeddings
+    (16 with the defaults) and encodes in about a millisecond.
+    """
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    n_patches = (image_size // patch_size) ** 2
+    writer = gguf.GGUFWriter(path, "clip")
+    try:
+        writer.add_name("tiny-mlp-projector-test")
+        writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+        writer.add_string("clip.projector_type", "mlp")
+        writer.add_bool("clip.has_vision_encoder", True)
+        writer.add_bool("clip.has_audio_encoder", False)
+        writer.add_bool("clip.use_gelu", True)
+        writer.add_uint32("clip.vision.embedding_length", n_embd)
+        writer.add_uint32("clip.vision.attention.head_count", n_head)
+        writer.add_uint32("clip.vision.feed_forward_length", n_ff)
+        writer.add_uint32("clip.vision.block_count", n_layer)
+        writer.add_uint32("clip.vision.projection_dim", n_embd_text)
+        writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+        writer.add_uint32("clip.vision.image_size", image_size)
+        writer.add_uint32("clip.vision.patch_size", patch_size)
+        writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+        writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+
+        def weight(*shape: int, scale: float = 0.05) -> np.ndarray:
+            return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(np.float32)
+
+        tensors: list[tuple[str, np.ndarray]] = [
+            ("v.patch_embd.weight", weight(n_embd, 3, patch_size, patch_size)),
+            ("v.position_embd.weight", weight(n_patches, n_embd)),
+        ]
+        for i in range(n_layer):
+            for norm in ("ln1", "ln2"):
+                tensors += [(f"v.blk.{i}.{norm}.weight", np.ones(n_embd, dtype=np.float32)),
+                            (f"v.blk.{i}.{norm}.bias", np.zeros(n_embd, dtype=np.float32))]
+            for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+                tensors += [(f"v.blk.{i}.{name}.weight", weight(n_embd, n_embd)),
+                            (f"v.blk.{i}.{name}.bias", np.zeros(n_embd, dtype=np.float32))]
+            tensors += [(f"v.blk.{i}.ffn_up.weight", weight(n_ff, n_embd)),
+                        (f"v.blk.{i}.ffn_up.bias", np.zeros(n_ff, dtype=np.float32)),
+                        (f"v.blk.{i}.ffn_down.weight", weight(n_embd, n_ff)),
+                        (f"v.blk.{i}.ffn_down.bias", np.zeros(n_embd, dtype=np.float32))]
+        # The projector's output keeps the text model's steering dimension (see the module
+        # docstring) so that text after an image is still steered away from control tokens.
+        out_w = weight(n_embd_text, n_ff)
+        out_b = np.zeros(n_embd_text, dtype=np.float32)
+        out_w[0, :] = 0.0
+        out_b[0] = _STEER_EMBD
+        tensors += [("mm.0.weight", weight(n_ff, n_embd)), ("mm.0.bias", np.zeros(n_ff, dtype=np.float32)),
+                    ("mm.2.weight", out_w), ("mm.2.bias", out_b)]
+        for name, data in tensors:
+            writer.add_tensor(name, data)
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return path
+
+
+def write_audio_projector(
+    path: str | os.PathLike[str],
+    *,
+    n_embd_text: int = 64,
+    n_embd: int = 32,
+    n_layer: int = 1,
+    n_head: int = 4,
+    n_ff: int = 64,
+    n_mel: int = 128,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny Qwen2-Audio-style projector (``qwen2a``): a Whisper encoder (two 1-D
+    convolutions over the log-mel spectrogram, learned positions, ``n_layer`` blocks) and one
+    linear layer into the text model's embedding space. llama.cpp cuts audio into 30-second
+    windows of 3000 mel frames; each becomes 750 embeddings (convolution stride 2, then an
+    average pool of 2)."""
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    n_pos = 1500  # positions after the strided convolution of one 3000-frame window
+    writer = gguf.GGUFWriter(path, "clip")
+    try:
+        writer.add_name("tiny-qwen2a-projector-test")
+        writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+        writer.add_string("clip.projector_type", "qwen2a")
+        writer.add_bool("clip.has_vision_encoder", False)
+        writer.add_bool("clip.has_audio_encoder", True)
+        writer.add_uint32("clip.audio.embedding_length", n_embd)
+        writer.add_uint32("clip.audio.attention.head_count", n_head)
+        writer.add_uint32("clip.audio.feed_forward_length", n_ff)
+        writer.add_uint32("clip.audio.block_count", n_layer)
+        writer.add_uint32("clip.audio.projection_dim", n_embd_text)
+        writer.add_float32("clip.audio.attention.layer_norm_epsilon", 1e-5)
+        writer.add_uint32("clip.audio.num_mel_bins", n_mel)
+
+        def weight(*shape: int, scale: float = 0.05) -> np.ndarray:
+            return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(np.float32)
+
+        def zeros(n: int) -> np.ndarray:
+            return np.zeros(n, dtype=np.float32)
+
+        tensors: list[tuple[str, np.ndarray]] = [
+            # a convolution's bias is one value per output channel, broadcast along time
+            ("a.conv1d.1.weight", weight(n_embd, n_mel, 3)), ("a.conv1d.1.bias", zeros(n_embd).reshape(n_embd, 1)),
+            ("a.conv1d.2.weight", weight(n_embd, n_embd, 3)), ("a.conv1d.2.bias", zeros(n_embd).reshape(n_embd, 1)),
+            ("a.position_embd.weight", weight(n_pos, n_embd)),
+        ]
+        for i in range(n_layer):
+            for norm in ("ln1", "ln2"):
+                tensors += [(f"a.blk.{i}.{norm}.weight", np.ones(n_embd, dtype=np.float32)),
+                            (f"a.blk.{i}.{norm}.bias", zeros(n_embd))]
+            tensors += [(f"a.blk.{i}.attn_q.weight", weight(n_embd, n_embd)), (f"a.blk.{i}.attn_q.bias", zeros(n_embd)),
+                        (f"a.blk.{i}.attn_k.weight", weight(n_embd, n_embd)),  # Whisper's keys have no bias
+                        (f"a.blk.{i}.attn_v.weight", weight(n_embd, n_embd)), (f"a.blk.{i}.attn_v.bias", zeros(n_embd)),
+                        (f"a.blk.{i}.attn_out.weight", weight(n_embd, n_embd)),
+                        (f"a.blk.{i}.attn_out.bias", zeros(n_embd)),
+                        (f"a.blk.{i}.ffn_up.weight", weight(n_ff, n_embd)), (f"a.blk.{i}.ffn_up.bias", zeros(n_ff)),
+                        (f"a.blk.{i}.ffn_down.weight", weight(n_embd, n_ff)),
+                        (f"a.blk.{i}.ffn_down.bias", zeros(n_embd))]
+        out_w = weight(n_embd_text, n_embd)
+        out_b = zeros(n_embd_text)
+        out_w[0, :] = 0.0
+        out_b[0] = _STEER_EMBD  # keep the text model's steering dimension (see the module docstring)
+        tensors += [("mm.a.fc.weight", out_w), ("mm.a.fc.bias", out_b)]
+        for name, data in tensors:
+            writer.add_tensor(name, data)
+        writer.write_header_to_file(path)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
     finally:
