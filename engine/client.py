@@ -250,6 +250,10 @@ class Worker:
         ours, theirs = socket.socketpair()
         self._stderr = tempfile.TemporaryFile(prefix="engine-worker-")  # noqa: SIM115 - closed in _died
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        # numpy's OpenBLAS starts a thread per core at import, and they spin for a while: about
+        # 150 ms of CPU per worker start, taken from the models generating beside it on a small
+        # box. The worker does no BLAS work that threads would speed up (llama.cpp has its own).
+        env.setdefault("OPENBLAS_NUM_THREADS", "1")
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "engine.worker", str(theirs.fileno())], pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr, env=env)

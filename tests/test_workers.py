@@ -134,3 +134,17 @@ def test_streams_cut_by_the_shutdown_say_so(server: LiveServer):
         threading.Thread(target=server.manager.shutdown, args=(0.2,), daemon=True).start()
         rest = list(events)
     assert rest[-1] == "[DONE]" and rest[-2]["error"]["code"] == "shutting_down"
+
+
+def test_a_waiting_worker_runs_one_thread(monkeypatch):
+    """No BLAS thread pool beside llama.cpp's own threads: numpy's OpenBLAS would start one per
+    core at import and spin, taking CPU from the models generating beside a starting spare."""
+    from engine.client import Worker
+
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    worker = Worker()
+    worker.start()
+    try:
+        assert psutil.Process(worker.pid).num_threads() == 1
+    finally:
+        worker.close()
