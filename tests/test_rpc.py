@@ -9,10 +9,12 @@ vanishes mid-stream fails that model's requests and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -181,6 +183,78 @@ def test_unusable_endpoints_fail_the_load_with_their_name_and_nothing_else(
         assert endpoint in error["message"] and reason in error["message"], error
         assert server.model_view(model)["state"] == "failed"
     assert greedy(server, "local", 4) and greedy(server, "first", 4)  # everyone else is untouched
+
+
+def hello_then_silence() -> Iterator[str]:
+    """An RPC server that answers one handshake (our probe) and then accepts and never answers:
+    what ggml's client meets when another model's worker took the server in between."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            held.append(conn)
+            conn.recv(64)
+            conn.sendall(struct.pack("<QBBBB", ggml_rpc.HELLO_REPLY_SIZE, ggml_rpc.PROTOCOL_MAJOR, 0, 0, 0)
+                         + bytes(ggml_rpc.CAPS_SIZE))
+            conn.close()
+            while True:
+                held.append(listener.accept()[0])
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+    for conn in held:
+        conn.close()
+
+
+def test_rpc_server_silent_after_the_handshake_fails_the_load_within_worker_timeout(
+        models_dir: Path, make_server: Callable[..., LiveServer]) -> None:
+    for name in ("split", "local"):
+        write_llama_model(models_dir / f"{name}.gguf", seed=3)
+    gen = hello_then_silence()
+    endpoint = next(gen)
+    try:
+        server = make_server(manager={"rpc_timeout": 0.5, "worker_timeout": 2},
+                             models={"split": {"rpc_servers": [endpoint]}})
+        started = time.monotonic()
+        response = server.post("/v1/completions", {"model": "split", "prompt": PROMPT, "max_tokens": 2})
+        assert time.monotonic() - started < 15
+        error = response.json()["error"]
+        assert response.status_code == 500 and error["code"] == "model_load_failed", response.text
+        assert endpoint in error["message"], error
+        assert server.model_view("split")["state"] == "failed"
+        assert greedy(server, "local", 4)
+    finally:
+        gen.close()
+
+
+def test_two_models_loading_at_once_on_one_rpc_worker_never_hang(
+        models_dir: Path, rpc_workers: Callable[[], RpcWorker], make_server: Callable[..., LiveServer]) -> None:
+    """Each probe may find the server free, and then one worker's ggml client waits behind the
+    other's for ever: that load must fail within worker_timeout instead."""
+    worker = rpc_workers()
+    for name in ("a", "b"):
+        write_llama_model(models_dir / f"{name}.gguf", seed=3, n_layer=4)
+    server = make_server(manager={"rpc_timeout": 1, "worker_timeout": 2, "rpc_servers": [worker.endpoint],
+                                  "n_gpu_layers": -1})
+    for _ in range(3):  # the race is not hit every time
+        statuses: dict[str, int] = {}
+
+        def complete(model: str, statuses: dict[str, int] = statuses) -> None:
+            statuses[model] = server.post("/v1/completions", {"model": model, "prompt": PROMPT,
+                                                               "max_tokens": 2}).status_code
+
+        threads = [threading.Thread(target=complete, args=(model,)) for model in ("a", "b")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(JOIN_TIMEOUT)
+        assert sorted(statuses.values()) == [200, 500], statuses
+        assert server.post("/admin/unload", {"model": "all"}).status_code == 200
 
 
 def test_rpc_worker_killed_mid_stream_fails_that_model_only(
