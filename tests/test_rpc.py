@@ -167,14 +167,17 @@ def test_unusable_endpoints_fail_the_load_with_their_name_and_nothing_else(
         make_server: Callable[..., LiveServer]) -> None:
     busy = rpc_workers()
     closed = f"127.0.0.1:{free_port()}"
-    for name in ("refused", "silent", "first", "second", "local"):
+    long_label = "a" * 64 + ":50052"  # a label over 63 characters: Python's resolver refuses it
+    for name in ("refused", "silent", "first", "second", "long", "dots", "local"):
         write_llama_model(models_dir / f"{name}.gguf", seed=3)
     server = make_server(manager={"rpc_timeout": 0.5},
                      models={"refused": {"rpc_servers": [closed]}, "silent": {"rpc_servers": [silent_endpoint]},
-                             "first": {"rpc_servers": [busy.endpoint]}, "second": {"rpc_servers": [busy.endpoint]}})
+                             "first": {"rpc_servers": [busy.endpoint]}, "second": {"rpc_servers": [busy.endpoint]},
+                             "long": {"rpc_servers": [long_label]}, "dots": {"rpc_servers": ["..:50052"]}})
 
     cases = {"refused": (closed, "unreachable"), "silent": (silent_endpoint, "did not answer within 0.5 s"),
-             "second": (busy.endpoint, "busy with another client")}
+             "second": (busy.endpoint, "busy with another client"),
+             "long": (long_label, "not a valid host name"), "dots": ("..:50052", "not a valid host name")}
     assert greedy(server, "first", 4)  # holds the only connection the RPC worker serves
     for model, (endpoint, reason) in cases.items():
         response = server.post("/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": 4})
@@ -281,7 +284,9 @@ def test_rpc_worker_killed_mid_stream_fails_that_model_only(
 
 
 @pytest.mark.parametrize("endpoints", [["localhost"], ["host:0"], ["host:99999"], ["[::1]:50052"],
-                                       ["a:1", "a:1"], [f"h:{port}" for port in range(1, 18)]])
+                                       ["a:1", "a:1"], [f"h:{port}" for port in range(1, 18)],
+                                       ["h:\uff15\uff10\uff10\uff15\uff12"], [" box:50052"], ["b\tox:1"],
+                                       ["b\u00fccher:1"]])
 def test_bad_rpc_servers_setting_is_a_config_error(endpoints: list[str]) -> None:
     with pytest.raises(ConfigError, match="rpc_servers"):
         load_settings(None, {"model_manager": {"rpc_servers": endpoints}}, environ={})
