@@ -284,7 +284,8 @@ def test_rpc_worker_killed_mid_stream_fails_that_model_only(
 
 
 @pytest.mark.parametrize("endpoints", [["localhost"], ["host:0"], ["host:99999"], ["[::1]:50052"],
-                                       ["a:1", "a:1"], [f"h:{port}" for port in range(1, 18)],
+                                       ["a:1", "a:1"], ["box:50052", "Box:050052"],
+                                       [f"h:{port}" for port in range(1, 18)],
                                        ["h:\uff15\uff10\uff10\uff15\uff12"], [" box:50052"], ["b\tox:1"],
                                        ["b\u00fccher:1"]])
 def test_bad_rpc_servers_setting_is_a_config_error(endpoints: list[str]) -> None:
