@@ -188,6 +188,7 @@ def test_unusable_endpoints_fail_the_load_with_their_name_and_nothing_else(
     assert greedy(server, "local", 4) and greedy(server, "first", 4)  # everyone else is untouched
 
 
+@pytest.fixture
 def hello_then_silence() -> Iterator[str]:
     """An RPC server that answers one handshake (our probe) and then accepts and never answers:
     what ggml's client meets when another model's worker took the server in between."""
@@ -207,32 +208,33 @@ def hello_then_silence() -> Iterator[str]:
             while True:
                 held.append(listener.accept()[0])
 
-    threading.Thread(target=serve, daemon=True).start()
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
     yield f"127.0.0.1:{listener.getsockname()[1]}"
+    with contextlib.suppress(OSError):
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (a close alone does not, on Linux)
     listener.close()
+    thread.join(JOIN_TIMEOUT)
+    assert not thread.is_alive()
     for conn in held:
         conn.close()
 
 
 def test_rpc_server_silent_after_the_handshake_fails_the_load_within_worker_timeout(
-        models_dir: Path, make_server: Callable[..., LiveServer]) -> None:
+        models_dir: Path, hello_then_silence: str, make_server: Callable[..., LiveServer]) -> None:
+    endpoint = hello_then_silence
     for name in ("split", "local"):
         write_llama_model(models_dir / f"{name}.gguf", seed=3)
-    gen = hello_then_silence()
-    endpoint = next(gen)
-    try:
-        server = make_server(manager={"rpc_timeout": 0.5, "worker_timeout": 2},
-                             models={"split": {"rpc_servers": [endpoint]}})
-        started = time.monotonic()
-        response = server.post("/v1/completions", {"model": "split", "prompt": PROMPT, "max_tokens": 2})
-        assert time.monotonic() - started < 15
-        error = response.json()["error"]
-        assert response.status_code == 500 and error["code"] == "model_load_failed", response.text
-        assert endpoint in error["message"], error
-        assert server.model_view("split")["state"] == "failed"
-        assert greedy(server, "local", 4)
-    finally:
-        gen.close()
+    server = make_server(manager={"rpc_timeout": 0.5, "worker_timeout": 2},
+                         models={"split": {"rpc_servers": [endpoint]}})
+    started = time.monotonic()
+    response = server.post("/v1/completions", {"model": "split", "prompt": PROMPT, "max_tokens": 2})
+    assert time.monotonic() - started < 15
+    error = response.json()["error"]
+    assert response.status_code == 500 and error["code"] == "model_load_failed", response.text
+    assert endpoint in error["message"], error
+    assert server.model_view("split")["state"] == "failed"
+    assert greedy(server, "local", 4)
 
 
 def test_two_models_loading_at_once_on_one_rpc_worker_never_hang(
