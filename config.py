@@ -212,9 +212,10 @@ def check_llama_arguments(arguments: dict[str, Any]) -> None:
 
 def check_rpc_servers(endpoints: list[str]) -> list[str]:
     """Each ``host:port`` as ggml's RPC client reads it; duplicates are refused."""
-    for endpoint in endpoints:
-        parse_endpoint(endpoint)  # its ValueError says what is wrong
-    if len(set(endpoints)) != len(endpoints):
+    # Its ValueError says what is wrong. Compared as (host, port): "h:50052" and "H:050052" are one
+    # server, which would serve the second connection only after the first closed (a hung load).
+    servers = {(host.lower(), port) for host, port in map(parse_endpoint, endpoints)}
+    if len(servers) != len(endpoints):
         raise ValueError("an RPC server is listed twice")
     if len(endpoints) > MAX_SERVERS:
         raise ValueError(f"at most {MAX_SERVERS} RPC servers (ggml's limit)")

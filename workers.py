@@ -98,7 +98,9 @@ class WorkerLauncher:
             raise diagnose(model, str(exc)) from None
         except WorkerError as exc:  # it died while loading: a crash in llama.cpp, the OOM killer...
             worker.close()
-            raise LoadFailed(f"failed to load model {model.id}: {exc}") from None
+            where = (f" (loading over RPC from {', '.join(options.rpc_servers)}: did an RPC server stop, or "
+                     "start serving another model?)" if options.rpc_servers else "")
+            raise LoadFailed(f"failed to load model {model.id}: {exc}{where}") from None
         finally:
             if self._keep_spare:
                 self._start_spare()

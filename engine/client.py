@@ -20,7 +20,9 @@ Concurrency model:
   and the same follows. The worker sends a ``Heartbeat`` between decode
   steps when it has been quiet for a second, so only a wedged worker is ever that silent.
 * Load has no timeout of its own by default (a big model from a slow disk takes what it takes;
-  llama.cpp's progress arrives meanwhile); pass ``timeout`` to bound it.
+  llama.cpp's progress arrives meanwhile); pass ``timeout`` to bound it. A load over RPC is
+  held to ``worker_timeout`` of silence like a request: ggml's client waits on an RPC server
+  without a timeout, so one that stops answering (or serves another model) would hang it.
 """
 
 from __future__ import annotations
@@ -220,6 +222,7 @@ class Worker:
         self._send_lock = threading.Lock()
         self._waiters: dict[int, queue.Queue[Any]] = {}
         self._progress: dict[int, Callable[[float], None]] = {}
+        self._rpc_loads: set[int] = set()  # loads that must not be quiet for long (see above)
         self._ids = itertools.count(1)
         self._dead: WorkerCrashed | None = None
         self._closing = False
@@ -275,8 +278,14 @@ class Worker:
         request_id, inbox = self._open()
         with self._lock:  # also marks the request as a load, which may be quiet for long
             self._progress[request_id] = on_progress or (lambda _fraction: None)
-        self._send(p.Load(request_id, str(path), options), request_id)
-        answer = self._wait(inbox, timeout, f"loading {path}")
+            if options.rpc_servers:
+                self._rpc_loads.add(request_id)
+        try:
+            self._send(p.Load(request_id, str(path), options), request_id)
+            answer = self._wait(inbox, timeout, f"loading {path}")
+        finally:
+            with self._lock:
+                self._rpc_loads.discard(request_id)
         if isinstance(answer, p.LoadFailed):
             with self._lock:
                 self._closing = True  # the worker exits after a failed load: expected, not a crash
@@ -430,7 +439,8 @@ class Worker:
     def _check_silence(self) -> None:
         with self._lock:
             silent = time.monotonic() - self._last_heard
-            waiting = any(i not in self._progress for i in self._waiters)  # a load may be quiet for long
+            # A local load may be quiet for long; one over RPC may not.
+            waiting = any(i not in self._progress or i in self._rpc_loads for i in self._waiters)
         if waiting and silent > self.worker_timeout:
             log.error("worker %s silent for %.0f s with requests outstanding; killing it", self.pid, silent)
             self._killed_for_silence = True

@@ -56,7 +56,9 @@ class Device:
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
     """``host:port`` as ggml reads it (split at the first colon, so no IPv6 literals)."""
     host, sep, port = endpoint.partition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    # ASCII only: ggml reads the port with stoi (no other digits) and resolves the host as bytes.
+    plain_host = host.isascii() and host.isprintable() and " " not in host
+    if not sep or not plain_host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f"{endpoint!r} is not host:port (a host name or IPv4 address, and a port 1-65535)")
     return host, int(port)
 
@@ -74,6 +76,8 @@ def probe(endpoint: str, timeout: float) -> None:
                        "client? an rpc_worker serves one model at a time)") from None
     except OSError as exc:
         raise RpcError(f"RPC server {endpoint} is unreachable: {exc.strerror or exc}") from None
+    except UnicodeError:  # Python's resolver refuses the name (a label over 63 characters, an empty one)
+        raise RpcError(f"RPC server {endpoint} is unreachable: {host!r} is not a valid host name") from None
     size, major, minor = struct.unpack_from("<QBB", reply)
     if size != HELLO_REPLY_SIZE:
         raise RpcError(f"{endpoint} answered, but not as a ggml RPC server of protocol {PROTOCOL_MAJOR}.x")

@@ -136,6 +136,8 @@ class WorkerLoop:
             if fraction >= 1.0 or fraction - sent[0] >= PROGRESS_STEP:
                 sent[0] = fraction
                 self.channel.send(p.Progress(message.id, fraction))
+            else:  # called per tensor: a load over RPC on a slow link is slow, not silent
+                self.channel.heartbeat()
 
         try:
             if message.options.rpc_servers:

@@ -24,7 +24,8 @@ digest() { "$python" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buf
 
 RECORD=.venv/.llama-cmake-args  # the CMAKE_ARGS of the installed build, RPC left implicit
 BUILD=.venv/.llama-build        # the build key of the installed llama-cpp-python wheel
-pin=$(grep -hE '^llama-cpp-python==' "${files[@]}" | head -n 1 | tr -d '[:space:]')
+# || true: with pipefail, grep finding nothing would end the script here, before the message below.
+pin=$(grep -hE '^llama-cpp-python==' "${files[@]}" | head -n 1 | tr -d '[:space:]') || true
 [ -n "$pin" ] || { echo "setup-venv.sh: ${files[*]} pin no llama-cpp-python" >&2; exit 1; }
 extra=${CMAKE_ARGS-$(cat "$RECORD" 2>/dev/null || true)}
 cmake_args="-DGGML_RPC=on${extra:+ $extra}"

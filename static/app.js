@@ -723,7 +723,7 @@ $("chat-form").addEventListener("submit", async (event) => {
       reply.message.classList.add("failed");
       reply.content.textContent = "(no answer)";
     }
-    draw();
+    if (answer.content || answer.reasoning) draw(); // a draw of nothing would wipe "(no answer)"
     setChatBusy(false, reply);
     refreshSoon();
     refreshStats();

@@ -230,6 +230,7 @@ def test_chat_box_shows_an_error_event(make_server, page, models_dir):
     page.get_by_role("button", name="Send").click()
     expect(page.locator("#chat-error")).to_contain_text("not a GGUF")
     expect(page.get_by_role("button", name="Send")).to_be_enabled()
+    expect(page.locator(".message.assistant.failed .content")).to_have_text("(no answer)")
     assert server.model_view("broken")["state"] == "failed"
 
 

@@ -327,3 +327,12 @@ def test_rendered_unit_passes_systemd_analyze_verify(installer: Installer, tmp_p
                                 text=True, timeout=TIMEOUT, check=False)
     # verify exits 0 on ignored bad lines and only prints them: any output is a problem.
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_setup_venv_says_when_no_file_pins_llama_cpp_python(installer: Installer, tmp_path: Path) -> None:
+    (installer.project / "other.txt").write_text("flask==3.1.0\n")
+    result = subprocess.run([str(installer.project / "scripts" / "setup-venv.sh"), "--dry-run", "other.txt"],
+                            env={**installer.env, "PYTHON": sys.executable, "LLAMA_SERVER_WHEELS": str(tmp_path)},
+                            capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    assert result.returncode == 1
+    assert "other.txt pin no llama-cpp-python" in result.stderr

@@ -9,10 +9,12 @@ vanishes mid-stream fails that model's requests and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -165,14 +167,17 @@ def test_unusable_endpoints_fail_the_load_with_their_name_and_nothing_else(
         make_server: Callable[..., LiveServer]) -> None:
     busy = rpc_workers()
     closed = f"127.0.0.1:{free_port()}"
-    for name in ("refused", "silent", "first", "second", "local"):
+    long_label = "a" * 64 + ":50052"  # a label over 63 characters: Python's resolver refuses it
+    for name in ("refused", "silent", "first", "second", "long", "dots", "local"):
         write_llama_model(models_dir / f"{name}.gguf", seed=3)
     server = make_server(manager={"rpc_timeout": 0.5},
                      models={"refused": {"rpc_servers": [closed]}, "silent": {"rpc_servers": [silent_endpoint]},
-                             "first": {"rpc_servers": [busy.endpoint]}, "second": {"rpc_servers": [busy.endpoint]}})
+                             "first": {"rpc_servers": [busy.endpoint]}, "second": {"rpc_servers": [busy.endpoint]},
+                             "long": {"rpc_servers": [long_label]}, "dots": {"rpc_servers": ["..:50052"]}})
 
     cases = {"refused": (closed, "unreachable"), "silent": (silent_endpoint, "did not answer within 0.5 s"),
-             "second": (busy.endpoint, "busy with another client")}
+             "second": (busy.endpoint, "busy with another client"),
+             "long": (long_label, "not a valid host name"), "dots": ("..:50052", "not a valid host name")}
     assert greedy(server, "first", 4)  # holds the only connection the RPC worker serves
     for model, (endpoint, reason) in cases.items():
         response = server.post("/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": 4})
@@ -181,6 +186,80 @@ def test_unusable_endpoints_fail_the_load_with_their_name_and_nothing_else(
         assert endpoint in error["message"] and reason in error["message"], error
         assert server.model_view(model)["state"] == "failed"
     assert greedy(server, "local", 4) and greedy(server, "first", 4)  # everyone else is untouched
+
+
+@pytest.fixture
+def hello_then_silence() -> Iterator[str]:
+    """An RPC server that answers one handshake (our probe) and then accepts and never answers:
+    what ggml's client meets when another model's worker took the server in between."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            held.append(conn)
+            conn.recv(64)
+            conn.sendall(struct.pack("<QBBBB", ggml_rpc.HELLO_REPLY_SIZE, ggml_rpc.PROTOCOL_MAJOR, 0, 0, 0)
+                         + bytes(ggml_rpc.CAPS_SIZE))
+            conn.close()
+            while True:
+                held.append(listener.accept()[0])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{listener.getsockname()[1]}"
+    with contextlib.suppress(OSError):
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (a close alone does not, on Linux)
+    listener.close()
+    thread.join(JOIN_TIMEOUT)
+    assert not thread.is_alive()
+    for conn in held:
+        conn.close()
+
+
+def test_rpc_server_silent_after_the_handshake_fails_the_load_within_worker_timeout(
+        models_dir: Path, hello_then_silence: str, make_server: Callable[..., LiveServer]) -> None:
+    endpoint = hello_then_silence
+    for name in ("split", "local"):
+        write_llama_model(models_dir / f"{name}.gguf", seed=3)
+    server = make_server(manager={"rpc_timeout": 0.5, "worker_timeout": 2},
+                         models={"split": {"rpc_servers": [endpoint]}})
+    started = time.monotonic()
+    response = server.post("/v1/completions", {"model": "split", "prompt": PROMPT, "max_tokens": 2})
+    assert time.monotonic() - started < 15
+    error = response.json()["error"]
+    assert response.status_code == 500 and error["code"] == "model_load_failed", response.text
+    assert endpoint in error["message"], error
+    assert server.model_view("split")["state"] == "failed"
+    assert greedy(server, "local", 4)
+
+
+def test_two_models_loading_at_once_on_one_rpc_worker_never_hang(
+        models_dir: Path, rpc_workers: Callable[[], RpcWorker], make_server: Callable[..., LiveServer]) -> None:
+    """Each probe may find the server free, and then one worker's ggml client waits behind the
+    other's for ever: that load must fail within worker_timeout instead."""
+    worker = rpc_workers()
+    for name in ("a", "b"):
+        write_llama_model(models_dir / f"{name}.gguf", seed=3, n_layer=4)
+    server = make_server(manager={"rpc_timeout": 1, "worker_timeout": 2, "rpc_servers": [worker.endpoint],
+                                  "n_gpu_layers": -1})
+    for _ in range(3):  # the race is not hit every time
+        statuses: dict[str, int] = {}
+
+        def complete(model: str, statuses: dict[str, int] = statuses) -> None:
+            statuses[model] = server.post("/v1/completions", {"model": model, "prompt": PROMPT,
+                                                               "max_tokens": 2}).status_code
+
+        threads = [threading.Thread(target=complete, args=(model,)) for model in ("a", "b")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(JOIN_TIMEOUT)
+        assert sorted(statuses.values()) == [200, 500], statuses
+        assert server.post("/admin/unload", {"model": "all"}).status_code == 200
 
 
 def test_rpc_worker_killed_mid_stream_fails_that_model_only(
@@ -207,7 +286,10 @@ def test_rpc_worker_killed_mid_stream_fails_that_model_only(
 
 
 @pytest.mark.parametrize("endpoints", [["localhost"], ["host:0"], ["host:99999"], ["[::1]:50052"],
-                                       ["a:1", "a:1"], [f"h:{port}" for port in range(1, 18)]])
+                                       ["a:1", "a:1"], ["box:50052", "Box:050052"],
+                                       [f"h:{port}" for port in range(1, 18)],
+                                       ["h:\uff15\uff10\uff10\uff15\uff12"], [" box:50052"], ["b\tox:1"],
+                                       ["b\u00fccher:1"]])
 def test_bad_rpc_servers_setting_is_a_config_error(endpoints: list[str]) -> None:
     with pytest.raises(ConfigError, match="rpc_servers"):
         load_settings(None, {"model_manager": {"rpc_servers": endpoints}}, environ={})
