@@ -423,7 +423,10 @@ class ModelManager:
             embedding=instance.mode is Mode.EMBED, extra=model.load_arguments(),
             parallel=model.parallel if model.parallel is not None else settings.parallel,
             prompt_cache_bytes=settings.prompt_cache_bytes, worker_timeout=settings.worker_timeout,
-            rpc_servers=tuple(_rpc_servers(settings, model)), rpc_timeout=settings.rpc_timeout,
+            rpc_servers=tuple(_rpc_servers(settings, model)),
+            # The handshake runs inside a load that worker_timeout of silence ends: kept below
+            # it, a silent endpoint is still named in the error.
+            rpc_timeout=min(settings.rpc_timeout, settings.worker_timeout / 2),
             mmproj=self._mmproj(instance),
             progress=lambda fraction: self._on_progress(instance, fraction),
             on_exit=lambda exit_info: self._on_worker_exit(instance, exit_info))

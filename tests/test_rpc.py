@@ -352,3 +352,15 @@ def test_public_health_hides_rpc_addresses(models_dir: Path, make_server: Callab
     public, private = views(), views(headers=admin)
     assert "rpc_servers" not in public["split"] and "devices" not in public["local"]
     assert private["split"]["rpc_servers"] == ["10.0.0.9:50052"] and private["local"]["devices"]
+
+
+
+def test_a_silent_endpoint_is_named_even_when_rpc_timeout_outlasts_worker_timeout(
+        models_dir: Path, silent_endpoint: str, make_server: Callable[..., LiveServer]) -> None:
+    write_llama_model(models_dir / "silent.gguf", seed=3)
+    server = make_server(manager={"rpc_timeout": 30, "worker_timeout": 2},
+                         models={"silent": {"rpc_servers": [silent_endpoint]}})
+    response = server.post("/v1/completions", {"model": "silent", "prompt": PROMPT, "max_tokens": 4})
+    error = response.json()["error"]
+    assert response.status_code == 500 and silent_endpoint in error["message"], error
+    assert "did not answer within 1 s" in error["message"], error
