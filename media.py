@@ -10,8 +10,9 @@ client's bytes. Photos are turned upright by their EXIF orientation; transparenc
 white; an animated picture gives its first frame; one over ``SENT_PIXELS`` is scaled down.
 
 ``input_audio`` is a base64 WAV file (``max_audio_bytes``): integer PCM, 8 to 32 bits, any
-rate and channel count, read by Python's ``wave`` and sent as mono float samples at its own
-rate (the worker resamples to its projector's). MP3 is refused: no decoder here, and
+rate from 8 kHz, any channel count, at least 0.1 s long (``protocol.MIN_AUDIO_SECONDS``), read
+by Python's ``wave`` and sent as mono float samples at its own rate (the worker resamples to
+its projector's). MP3 is refused: no decoder here, and
 llama.cpp's own (miniaudio) must not see a client's bytes either.
 
 ``image_url`` is a ``data:`` URL (base64), or an ``http(s)`` URL whose host is listed in
@@ -43,7 +44,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from config import ManagerSettings
-from engine.protocol import MediaInput, MediaKind
+from engine.protocol import MIN_AUDIO_RATE, MIN_AUDIO_SECONDS, MediaInput, MediaKind
 from errors import InvalidRequest
 from schemas import AudioPart, ImagePart, MediaPart
 
@@ -130,6 +131,12 @@ def decode_audio(data: str, fmt: str, limits: MediaLimits, param: str) -> Media:
         raise _refused(param, "the WAV file has no channels, no rate or an unusual sample width", "invalid_audio")
     if not pcm or len(pcm) < frames * channels * width:
         raise _refused(param, "the WAV file is empty or truncated", "invalid_audio")
+    if rate < MIN_AUDIO_RATE:
+        raise _refused(param, f"the WAV file's rate is {rate} Hz; this server takes {MIN_AUDIO_RATE} Hz or more",
+                       "invalid_audio")
+    if frames < rate * MIN_AUDIO_SECONDS:
+        raise _refused(param, f"the sound lasts {frames / rate:.3f} s; this server takes {MIN_AUDIO_SECONDS:g} s "
+                              "or more", "invalid_audio")
     samples = _mono(pcm[: frames * channels * width], width, channels)
     digest = hashlib.blake2b(b"%d:" % rate + samples.tobytes(), digest_size=32).digest()
     return Media("audio", len(samples), rate, samples.tobytes(), digest, param)

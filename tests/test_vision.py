@@ -457,7 +457,12 @@ def test_bad_sounds_are_refused_naming_the_part(hearing: LiveServer) -> None:
     cases = [(audio_part(b"ID3 not really an mp3", fmt="mp3"), "unsupported_media"),
              (audio_part(b"RIFF....WAVEjunk"), "invalid_audio"),
              (audio_part(wav()[:-1000]), "invalid_audio"),  # truncated
-             ({"type": "input_audio", "input_audio": {"data": "%%%", "format": "wav"}}, "invalid_audio")]
+             ({"type": "input_audio", "input_audio": {"data": "%%%", "format": "wav"}}, "invalid_audio"),
+             # One sample made mtmd abort the worker; a few samples a second, resampled to 16 kHz,
+             # made a 20 kB file hours of sound the worker hung on.
+             (audio_part(wav(seconds=1 / 16000, rate=16000, channels=1)), "invalid_audio"),
+             (audio_part(wav(seconds=0.05, rate=16000, channels=1)), "invalid_audio"),
+             (audio_part(wav(seconds=2000, rate=10, channels=1, width=1)), "invalid_audio")]
     for part, code in cases:
         response = chat(hearing, ask(part), model=AUDIO_MODEL)
         assert response.status_code == 400, response.text
@@ -468,6 +473,23 @@ def test_bad_sounds_are_refused_naming_the_part(hearing: LiveServer) -> None:
     sound_to_eyes = chat(hearing, ask(audio_part(wav())), model=MODEL)
     assert sound_to_eyes.json()["error"]["code"] == "model_not_multimodal"
     assert chat(hearing, ask(audio_part(wav(seconds=0.5))), model=AUDIO_MODEL).status_code == 200
+
+
+def test_the_worker_refuses_sounds_too_short_to_encode(hearing: LiveServer) -> None:
+    """The server never sends such input; mtmd would abort the worker on it."""
+    from engine.client import RequestFailed
+    from engine.protocol import MediaInput, SamplingParams
+
+    assert chat(hearing, ask(audio_part(wav(0.2))), model=AUDIO_MODEL).status_code == 200
+    worker = next(w for w in hearing.loader.live() if w.info.media == ("audio",))
+    prompt = worker.tokenize("Hello there", add_special=True)
+    for samples, rate in ((1, 16000), (100, 16000), (20, 10)):
+        sound = MediaInput(1, "audio", samples, rate, b"\0" * 4 * samples, b"s" * 32, "messages[0].content[0]")
+        with pytest.raises(RequestFailed) as refused:
+            "".join(worker.generate(prompt, SamplingParams(max_tokens=2), (sound,)))
+        assert refused.value.kind == "invalid_request"
+    assert chat(hearing, ask(audio_part(wav(0.2))), model=AUDIO_MODEL).status_code == 200
+    assert worker in hearing.loader.live()
 
 
 @pytest.mark.parametrize("width", [1, 2, 3, 4])
