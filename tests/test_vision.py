@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
+import time
 import wave
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -157,6 +158,7 @@ def test_a_second_turn_reuses_the_encoded_picture(server: LiveServer) -> None:
     ("data:image/png;base64", "invalid_image_url"),
     ("file:///etc/passwd", "invalid_image_url"),
     ("https://example.com/cat.png", "image_url_not_allowed"),
+    ("http://[::1/cat.png", "invalid_image_url"),  # an unclosed IPv6 literal was a 500
 ])
 def test_bad_pictures_are_refused_naming_the_part(server: LiveServer, url: str, code: str) -> None:
     response = chat(server, ask({"type": "image_url", "image_url": {"url": url}}))
@@ -385,6 +387,9 @@ def test_image_urls_from_allowed_hosts(make_server, vision_dir: Path, picture_ho
     part = {"type": "image_url", "image_url": {"url": picture_host}}
     allowed = make_server({"image_url_hosts": ["127.0.0.1"], "image_url_private": True})
     assert chat(allowed, ask(part)).status_code == 200
+    # http.client sends only ASCII: a path with other characters (or a space) was a 500.
+    unusual = {"type": "image_url", "image_url": {"url": picture_host.replace("cat.png", "chat noir café.png")}}
+    assert chat(allowed, ask(unusual)).status_code == 200
     assert chat(allowed, ask(image_part(picture(4)))).json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 20
 
     loopback = make_server({"image_url_hosts": ["127.0.0.1"]})
@@ -392,6 +397,52 @@ def test_image_urls_from_allowed_hosts(make_server, vision_dir: Path, picture_ho
     assert refused.status_code == 400
     assert refused.json()["error"]["code"] == "image_url_not_allowed"
     assert "private" in refused.json()["error"]["message"]
+
+
+class _Dripping(BaseHTTPRequestHandler):
+    """Sends its answer a byte every 50 ms, in its headers or in its body, for a minute."""
+
+    in_headers = False
+
+    def do_GET(self) -> None:
+        if self.in_headers:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+        else:
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+        for _ in range(1200):
+            try:
+                self.wfile.write(b"X" if not self.in_headers else b"X-Slow: 1\r\n"[:1])
+                self.wfile.flush()
+            except OSError:
+                return
+            time.sleep(0.05)
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("in_headers", [False, True])
+def test_image_url_timeout_bounds_a_dripping_server(make_server, vision_dir: Path, in_headers: bool) -> None:
+    """Each read's socket timeout was the only limit: a byte every 50 ms held the request for ever."""
+    handler = type("Dripping", (_Dripping,), {"in_headers": in_headers})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        server = make_server({"image_url_hosts": ["127.0.0.1"], "image_url_private": True, "image_url_timeout": 1})
+        part = {"type": "image_url", "image_url": {"url": f"http://127.0.0.1:{httpd.server_address[1]}/cat.png"}}
+        response = chat(server, ask(part))
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert (error["param"], error["code"]) == ("messages[0].content[1]", "image_url_failed")
+        assert "image_url_timeout" in error["message"]
+    finally:
+        httpd.shutdown()
+        thread.join(JOIN_TIMEOUT)
+        httpd.server_close()
 
 
 # ------------------------------------------------------------------ sounds
