@@ -224,6 +224,19 @@ def test_the_mmproj_setting_overrides_the_folder_rule(make_server, vision_dir: P
     assert chat(server, ask(image_part(picture(1)))).status_code == 400
 
 
+def test_a_broken_projector_fails_the_load_without_telling_where_it_lives(make_server, vision_dir: Path) -> None:
+    (vision_dir / "vision" / f"mmproj-{MODEL}.gguf").write_bytes(b"GGUF" + bytes(100))
+    server = make_server(server={"api_keys": ["secret"]})
+    body = {"model": MODEL, "messages": ask(text="Hi"), "max_tokens": 2}
+    failed = requests.post(server.url + "/v1/chat/completions", json=body, timeout=JOIN_TIMEOUT,
+                           headers={"Authorization": "Bearer secret"})
+    assert failed.json()["error"]["code"] == "model_load_failed"
+    health = requests.get(server.url + "/health", timeout=10).json()  # public: no key
+    error = next(m for m in health["models"] if m["id"] == MODEL)["error"]
+    assert f"mmproj-{MODEL}.gguf" in error and f"mmproj-{MODEL}.gguf" in failed.text
+    assert str(vision_dir) not in error and str(vision_dir) not in failed.text
+
+
 def test_pairing_rule_with_several_projectors(tmp_path: Path) -> None:
     gemma, qwen = tmp_path / "mmproj-gemma-3-4b-it-f16.gguf", tmp_path / "mmproj-Qwen2.5-VL-7B-f16.gguf"
     assert pair_projector(tmp_path / "gemma-3-4b-it-Q4_K_M.gguf", [gemma, qwen]) == gemma
