@@ -10,8 +10,9 @@ client's bytes. Photos are turned upright by their EXIF orientation; transparenc
 white; an animated picture gives its first frame; one over ``SENT_PIXELS`` is scaled down.
 
 ``input_audio`` is a base64 WAV file (``max_audio_bytes``): integer PCM, 8 to 32 bits, any
-rate and channel count, read by Python's ``wave`` and sent as mono float samples at its own
-rate (the worker resamples to its projector's). MP3 is refused: no decoder here, and
+rate from 8 kHz, any channel count, at least 0.1 s long (``protocol.MIN_AUDIO_SECONDS``), read
+by Python's ``wave`` and sent as mono float samples at its own rate (the worker resamples to
+its projector's). MP3 is refused: no decoder here, and
 llama.cpp's own (miniaudio) must not see a client's bytes either.
 
 ``image_url`` is a ``data:`` URL (base64), or an ``http(s)`` URL whose host is listed in
@@ -20,30 +21,33 @@ and other non-public addresses unless ``image_url_private`` allows them, connect
 address it checked (no second lookup a DNS answer could change), follows no redirects,
 and stops at ``max_image_bytes`` and ``image_url_timeout`` seconds in all.
 
-Concurrency: plain functions on the request's thread; a fetch blocks it, within its limits.
+Concurrency: plain functions on the request's thread; a fetch blocks it, within its limits
+(a watchdog timer thread shuts the fetch's socket at its deadline).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import http.client
 import io
 import ipaddress
 import socket
+import threading
 import time
 import wave
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote_to_bytes, urlsplit
+from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from config import ManagerSettings
-from engine.protocol import MediaInput, MediaKind
+from engine.protocol import MIN_AUDIO_RATE, MIN_AUDIO_SECONDS, MediaInput, MediaKind
 from errors import InvalidRequest
 from schemas import AudioPart, ImagePart, MediaPart
 
@@ -53,6 +57,7 @@ IMAGE_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "GIF": "GIF", "WEBP": "WebP", "BM
 # photo would otherwise cross the pipe as 120 MB.
 SENT_PIXELS = 4096 * 4096
 FETCH_CHUNK = 64 * 1024
+_URL_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))  # printable ASCII but the space: kept as sent
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,12 @@ def decode_audio(data: str, fmt: str, limits: MediaLimits, param: str) -> Media:
         raise _refused(param, "the WAV file has no channels, no rate or an unusual sample width", "invalid_audio")
     if not pcm or len(pcm) < frames * channels * width:
         raise _refused(param, "the WAV file is empty or truncated", "invalid_audio")
+    if rate < MIN_AUDIO_RATE:
+        raise _refused(param, f"the WAV file's rate is {rate} Hz; this server takes {MIN_AUDIO_RATE} Hz or more",
+                       "invalid_audio")
+    if frames < rate * MIN_AUDIO_SECONDS:
+        raise _refused(param, f"the sound lasts {frames / rate:.3f} s; this server takes {MIN_AUDIO_SECONDS:g} s "
+                              "or more", "invalid_audio")
     samples = _mono(pcm[: frames * channels * width], width, channels)
     digest = hashlib.blake2b(b"%d:" % rate + samples.tobytes(), digest_size=32).digest()
     return Media("audio", len(samples), rate, samples.tobytes(), digest, param)
@@ -233,8 +244,11 @@ def _rgb(image: Image.Image) -> Image.Image:
 
 def fetch_url(url: str, limits: MediaLimits, param: str) -> bytes:
     """The body of an http(s) ``url`` on an allowed host, within the size and time limits."""
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+    except ValueError:  # e.g. an unclosed IPv6 literal
+        raise _refused(param, "the image URL is not valid", "invalid_image_url") from None
     if not host or host not in limits.url_hosts:
         allowed = "; this server fetches no image URLs, send a data: URL" if not limits.url_hosts else ""
         raise _refused(param, f"the image URL's host {host or '(none)'} is not allowed (image_url_hosts){allowed}",
@@ -247,11 +261,26 @@ def fetch_url(url: str, limits: MediaLimits, param: str) -> bytes:
     address = _checked_address(host, port, limits, param)
     connection_type = http.client.HTTPSConnection if parts.scheme.lower() == "https" else http.client.HTTPConnection
     connection: Any = connection_type(host, port, timeout=limits.url_timeout)
-    # Connect to the address checked above, not to a second lookup of the name.
-    connection._create_connection = lambda _addr, timeout, source: socket.create_connection(
-        (address, port), timeout, source)
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    # A socket timeout bounds each read, not their sum: a server dripping a byte at a time
+    # would hold this thread for ever. The watchdog shuts the sockets at the deadline (the
+    # response may own the socket once the connection hands it over, so each is kept here).
+    sockets: list[socket.socket] = []
+
+    def connect(_addr: Any, _timeout: Any, source: Any) -> socket.socket:
+        # The address checked above, not a second lookup of the name.
+        sock = socket.create_connection((address, port), max(0.001, deadline - time.monotonic()), source)
+        sockets.append(sock)
+        return sock
+
+    connection._create_connection = connect
+    # http.client sends the path as ASCII: anything else is percent-encoded, as browsers do.
+    path = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe=_URL_SAFE)
+    watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _cut, (sockets,))
+    watchdog.daemon = True
+    watchdog.start()
     try:
+        connection.connect()
+        sockets.append(connection.sock)  # https: the TLS socket that took over the plain one
         connection.request("GET", path, headers={"Accept": "image/*", "User-Agent": "llama-cpp-server"})
         response = connection.getresponse()
         if response.status != 200:
@@ -261,19 +290,36 @@ def fetch_url(url: str, limits: MediaLimits, param: str) -> bytes:
             raise _too_large(param, int(declared), limits.max_image_bytes)
         return _read_body(response, limits, deadline, param)
     except (OSError, http.client.HTTPException) as exc:
+        if time.monotonic() >= deadline:
+            raise _timed_out(param, limits) from None
         raise _refused(param, f"fetching the image URL failed: {type(exc).__name__}", "image_url_failed") from None
     finally:
+        watchdog.cancel()
         connection.close()
+
+
+def _cut(sockets: list[socket.socket]) -> None:
+    """Wake a fetch blocked on its sockets (the watchdog's deadline passed). A socket already
+    closed or handed to TLS has no descriptor any more and refuses, harmlessly."""
+    for sock in list(sockets):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def _timed_out(param: str, limits: MediaLimits) -> InvalidRequest:
+    return _refused(param, f"fetching the image URL took longer than {limits.url_timeout:g} s (image_url_timeout)",
+                    "image_url_failed")
 
 
 def _read_body(response: Any, limits: MediaLimits, deadline: float, param: str) -> bytes:
     body = bytearray()
     while True:
         if time.monotonic() > deadline:
-            raise _refused(param, f"fetching the image URL took longer than {limits.url_timeout:g} s "
-                                  "(image_url_timeout)", "image_url_failed")
+            raise _timed_out(param, limits)
         block = response.read(FETCH_CHUNK)
         if not block:
+            if time.monotonic() >= deadline:  # the watchdog cut it short
+                raise _timed_out(param, limits)
             return bytes(body)
         body += block
         if len(body) > limits.max_image_bytes:

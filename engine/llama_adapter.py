@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import random
 import re
 import time
@@ -203,7 +204,8 @@ class LoadedModel:
         except ProjectorError as exc:
             reason = self.native_log.complaints[-1] if self.native_log.complaints else str(exc)
             self.close()
-            raise LoadError(f"multimodal projector: {reason}") from None
+            # The reason goes to clients and the public /health: the file's name, not where it lives.
+            raise LoadError(f"multimodal projector: {reason.replace(path, os.path.basename(path))}") from None
 
     def close(self) -> None:
         if self.projector is not None:

@@ -25,7 +25,7 @@ import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
 import numpy as np
 
-from engine.protocol import MEDIA_MARKER, MediaInput, MediaKind
+from engine.protocol import MEDIA_MARKER, MIN_AUDIO_RATE, MIN_AUDIO_SECONDS, MediaInput, MediaKind
 
 _CHUNK_MEDIA = {mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE, mtmd.MTMD_INPUT_CHUNK_TYPE_AUDIO}
 _TOKENIZE_ERRORS = {1: "the number of media does not match the markers", 2: "preprocessing failed"}
@@ -118,6 +118,8 @@ class Projector:
         else:
             if media.width <= 0 or media.height <= 0 or len(media.data) != media.width * 4:
                 raise MediaError("the audio's samples do not match its length", media.param)
+            if media.height < MIN_AUDIO_RATE or media.width < media.height * MIN_AUDIO_SECONDS:
+                raise MediaError("the sound is too short or its rate too low", media.param)
             pcm = _resampled(np.frombuffer(media.data, dtype=np.float32), media.height, self.audio_sample_rate)
             samples = (ctypes.c_float * len(pcm)).from_buffer_copy(pcm.tobytes())
             bitmap = mtmd.mtmd_bitmap_init_from_audio(len(pcm), samples)

@@ -26,6 +26,11 @@ FinishReason = Literal["stop", "length", "cancelled"]
 MediaKind = Literal["image", "audio"]
 # Where a picture (or a sound) goes in a rendered prompt: llama.cpp's mtmd default marker.
 MEDIA_MARKER = "<__media__>"
+# The sounds a worker takes: mtmd aborts the process on a sound of one sample (or a few
+# frames, for some encoders), and resampling a sound of a few samples per second to its
+# encoder's 16 kHz would make a small file a huge one.
+MIN_AUDIO_RATE = 8000  # samples per second (telephone quality)
+MIN_AUDIO_SECONDS = 0.1
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
+import time
 import wave
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -157,6 +158,7 @@ def test_a_second_turn_reuses_the_encoded_picture(server: LiveServer) -> None:
     ("data:image/png;base64", "invalid_image_url"),
     ("file:///etc/passwd", "invalid_image_url"),
     ("https://example.com/cat.png", "image_url_not_allowed"),
+    ("http://[::1/cat.png", "invalid_image_url"),  # an unclosed IPv6 literal was a 500
 ])
 def test_bad_pictures_are_refused_naming_the_part(server: LiveServer, url: str, code: str) -> None:
     response = chat(server, ask({"type": "image_url", "image_url": {"url": url}}))
@@ -220,6 +222,19 @@ def test_the_mmproj_setting_overrides_the_folder_rule(make_server, vision_dir: P
     assert models["tiny-chat"]["capabilities"] == ["completion", "vision"]
     assert chat(server, ask(image_part(picture(1))), model="tiny-chat").status_code == 200
     assert chat(server, ask(image_part(picture(1)))).status_code == 400
+
+
+def test_a_broken_projector_fails_the_load_without_telling_where_it_lives(make_server, vision_dir: Path) -> None:
+    (vision_dir / "vision" / f"mmproj-{MODEL}.gguf").write_bytes(b"GGUF" + bytes(100))
+    server = make_server(server={"api_keys": ["secret"]})
+    body = {"model": MODEL, "messages": ask(text="Hi"), "max_tokens": 2}
+    failed = requests.post(server.url + "/v1/chat/completions", json=body, timeout=JOIN_TIMEOUT,
+                           headers={"Authorization": "Bearer secret"})
+    assert failed.json()["error"]["code"] == "model_load_failed"
+    health = requests.get(server.url + "/health", timeout=10).json()  # public: no key
+    error = next(m for m in health["models"] if m["id"] == MODEL)["error"]
+    assert f"mmproj-{MODEL}.gguf" in error and f"mmproj-{MODEL}.gguf" in failed.text
+    assert str(vision_dir) not in error and str(vision_dir) not in failed.text
 
 
 def test_pairing_rule_with_several_projectors(tmp_path: Path) -> None:
@@ -385,6 +400,9 @@ def test_image_urls_from_allowed_hosts(make_server, vision_dir: Path, picture_ho
     part = {"type": "image_url", "image_url": {"url": picture_host}}
     allowed = make_server({"image_url_hosts": ["127.0.0.1"], "image_url_private": True})
     assert chat(allowed, ask(part)).status_code == 200
+    # http.client sends only ASCII: a path with other characters (or a space) was a 500.
+    unusual = {"type": "image_url", "image_url": {"url": picture_host.replace("cat.png", "chat noir café.png")}}
+    assert chat(allowed, ask(unusual)).status_code == 200
     assert chat(allowed, ask(image_part(picture(4)))).json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 20
 
     loopback = make_server({"image_url_hosts": ["127.0.0.1"]})
@@ -392,6 +410,52 @@ def test_image_urls_from_allowed_hosts(make_server, vision_dir: Path, picture_ho
     assert refused.status_code == 400
     assert refused.json()["error"]["code"] == "image_url_not_allowed"
     assert "private" in refused.json()["error"]["message"]
+
+
+class _Dripping(BaseHTTPRequestHandler):
+    """Sends its answer a byte every 50 ms, in its headers or in its body, for a minute."""
+
+    in_headers = False
+
+    def do_GET(self) -> None:
+        if self.in_headers:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+        else:
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+        for _ in range(1200):
+            try:
+                self.wfile.write(b"X" if not self.in_headers else b"X-Slow: 1\r\n"[:1])
+                self.wfile.flush()
+            except OSError:
+                return
+            time.sleep(0.05)
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("in_headers", [False, True])
+def test_image_url_timeout_bounds_a_dripping_server(make_server, vision_dir: Path, in_headers: bool) -> None:
+    """Each read's socket timeout was the only limit: a byte every 50 ms held the request for ever."""
+    handler = type("Dripping", (_Dripping,), {"in_headers": in_headers})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        server = make_server({"image_url_hosts": ["127.0.0.1"], "image_url_private": True, "image_url_timeout": 1})
+        part = {"type": "image_url", "image_url": {"url": f"http://127.0.0.1:{httpd.server_address[1]}/cat.png"}}
+        response = chat(server, ask(part))
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert (error["param"], error["code"]) == ("messages[0].content[1]", "image_url_failed")
+        assert "image_url_timeout" in error["message"]
+    finally:
+        httpd.shutdown()
+        thread.join(JOIN_TIMEOUT)
+        httpd.server_close()
 
 
 # ------------------------------------------------------------------ sounds
@@ -457,7 +521,12 @@ def test_bad_sounds_are_refused_naming_the_part(hearing: LiveServer) -> None:
     cases = [(audio_part(b"ID3 not really an mp3", fmt="mp3"), "unsupported_media"),
              (audio_part(b"RIFF....WAVEjunk"), "invalid_audio"),
              (audio_part(wav()[:-1000]), "invalid_audio"),  # truncated
-             ({"type": "input_audio", "input_audio": {"data": "%%%", "format": "wav"}}, "invalid_audio")]
+             ({"type": "input_audio", "input_audio": {"data": "%%%", "format": "wav"}}, "invalid_audio"),
+             # One sample made mtmd abort the worker; a few samples a second, resampled to 16 kHz,
+             # made a 20 kB file hours of sound the worker hung on.
+             (audio_part(wav(seconds=1 / 16000, rate=16000, channels=1)), "invalid_audio"),
+             (audio_part(wav(seconds=0.05, rate=16000, channels=1)), "invalid_audio"),
+             (audio_part(wav(seconds=2000, rate=10, channels=1, width=1)), "invalid_audio")]
     for part, code in cases:
         response = chat(hearing, ask(part), model=AUDIO_MODEL)
         assert response.status_code == 400, response.text
@@ -468,6 +537,23 @@ def test_bad_sounds_are_refused_naming_the_part(hearing: LiveServer) -> None:
     sound_to_eyes = chat(hearing, ask(audio_part(wav())), model=MODEL)
     assert sound_to_eyes.json()["error"]["code"] == "model_not_multimodal"
     assert chat(hearing, ask(audio_part(wav(seconds=0.5))), model=AUDIO_MODEL).status_code == 200
+
+
+def test_the_worker_refuses_sounds_too_short_to_encode(hearing: LiveServer) -> None:
+    """The server never sends such input; mtmd would abort the worker on it."""
+    from engine.client import RequestFailed
+    from engine.protocol import MediaInput, SamplingParams
+
+    assert chat(hearing, ask(audio_part(wav(0.2))), model=AUDIO_MODEL).status_code == 200
+    worker = next(w for w in hearing.loader.live() if w.info.media == ("audio",))
+    prompt = worker.tokenize("Hello there", add_special=True)
+    for samples, rate in ((1, 16000), (100, 16000), (20, 10)):
+        sound = MediaInput(1, "audio", samples, rate, b"\0" * 4 * samples, b"s" * 32, "messages[0].content[0]")
+        with pytest.raises(RequestFailed) as refused:
+            "".join(worker.generate(prompt, SamplingParams(max_tokens=2), (sound,)))
+        assert refused.value.kind == "invalid_request"
+    assert chat(hearing, ask(audio_part(wav(0.2))), model=AUDIO_MODEL).status_code == 200
+    assert worker in hearing.loader.live()
 
 
 @pytest.mark.parametrize("width", [1, 2, 3, 4])
