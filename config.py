@@ -85,6 +85,9 @@ class ManagerSettings(_Section):
     # the most pixels it may decode to (a small file can hold a huge picture).
     max_image_bytes: int = Field(20 * 2**20, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
+    # Different pictures and sounds in one request (a picture sent again is counted once): a
+    # small file can decode to tens of megabytes, and decoding is the server's CPU.
+    max_media_per_request: int = Field(16, ge=1)
     # Sounds (``input_audio``, WAV) for models whose projector hears: the largest file accepted.
     max_audio_bytes: int = Field(20 * 2**20, ge=1)
     # ``image_url`` parts with http(s) URLs are fetched only from these hosts (none: data: URLs

@@ -39,7 +39,7 @@ import threading
 import time
 import wave
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
@@ -66,6 +66,7 @@ class MediaLimits:
 
     max_image_bytes: int = 20 * 2**20
     max_image_pixels: int = 40_000_000
+    max_media_per_request: int = 16
     max_audio_bytes: int = 20 * 2**20
     url_hosts: tuple[str, ...] = ()
     url_timeout: float = 10.0
@@ -73,7 +74,8 @@ class MediaLimits:
 
     @classmethod
     def from_settings(cls, settings: ManagerSettings) -> MediaLimits:
-        return cls(settings.max_image_bytes, settings.max_image_pixels, settings.max_audio_bytes,
+        return cls(settings.max_image_bytes, settings.max_image_pixels, settings.max_media_per_request,
+                   settings.max_audio_bytes,
                    tuple(host.lower() for host in settings.image_url_hosts), settings.image_url_timeout,
                    settings.image_url_private)
 
@@ -101,9 +103,19 @@ Fetch = Callable[[str, "MediaLimits", str], bytes]
 def decode_parts(parts: list[tuple[str, MediaPart]], limits: MediaLimits, media: tuple[str, ...],
                  model_id: str, fetch: Fetch | None = None) -> list[Media]:
     """Every media part decoded and checked, in order; ``media`` is what the model's projector
-    reads. Raises ``InvalidRequest`` naming the part."""
-    decoded = []
+    reads. A part sent again (a conversation's history repeats its pictures each turn) is
+    decoded once. Raises ``InvalidRequest`` naming the part."""
+    decoded: list[Media] = []
+    seen: dict[tuple[str, str], Media] = {}
     for param, part in parts:
+        source = ((part.input_audio.format, part.input_audio.data) if isinstance(part, AudioPart)
+                  else ("image", part.image_url.url))
+        if source in seen:
+            decoded.append(replace(seen[source], param=param))
+            continue
+        if len(seen) >= limits.max_media_per_request:
+            raise _refused(param, f"a request may hold at most {limits.max_media_per_request} different pictures "
+                                  "and sounds (max_media_per_request)", "too_many_media")
         kind = "image" if isinstance(part, ImagePart) else "audio"
         if kind not in media:
             what = "pictures" if kind == "image" else "sound"
@@ -111,10 +123,11 @@ def decode_parts(parts: list[tuple[str, MediaPart]], limits: MediaLimits, media:
                       else f"its projector reads only {', '.join(media)}")
             raise _refused(param, f"the model {model_id} cannot read {what}: {reason}", "model_not_multimodal")
         if isinstance(part, AudioPart):
-            decoded.append(decode_audio(part.input_audio.data, part.input_audio.format, limits, param))
+            one = decode_audio(part.input_audio.data, part.input_audio.format, limits, param)
         else:
-            raw = image_bytes(part.image_url.url, limits, param, fetch or fetch_url)
-            decoded.append(decode_image(raw, limits, param))
+            one = decode_image(image_bytes(part.image_url.url, limits, param, fetch or fetch_url), limits, param)
+        seen[source] = one
+        decoded.append(one)
     return decoded
 
 

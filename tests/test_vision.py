@@ -566,3 +566,16 @@ def test_wav_sample_widths_decode_to_the_same_tone(width: int) -> None:
                        atol=tolerance)
     with pytest.raises(InvalidRequest):
         decode_audio(base64.b64encode(wav(0.1, 8000, 1, width)).decode(), "wav", MediaLimits(max_audio_bytes=100), "p")
+
+
+def test_one_request_holds_at_most_max_media_per_request_different_pictures(make_server, vision_dir: Path) -> None:
+    """Small files can decode to tens of megabytes each: a cap per request, pictures sent again
+    (a conversation's history) counted and decoded once."""
+    server = make_server(manager={"max_media_per_request": 2})
+    first, second, third = (image_part(picture(seed)) for seed in (1, 2, 3))
+    history = [*ask(first), {"role": "assistant", "content": "A picture."}, *ask(first, second)]
+    assert chat(server, history, max_tokens=2).status_code == 200
+    refused = chat(server, ask(first, second, third), max_tokens=2)
+    error = refused.json()["error"]
+    assert refused.status_code == 400 and error["code"] == "too_many_media", error
+    assert error["param"] == "messages[0].content[3]" and "max_media_per_request" in error["message"]
