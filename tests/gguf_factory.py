@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import string
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import gguf
@@ -456,30 +456,11 @@ def write_mlp_projector(
             ("v.patch_embd.weight", weight(n_embd, 3, patch_size, patch_size)),
             ("v.position_embd.weight", weight(n_patches, n_embd)),
         ]
-        for i in range(n_layer):
-            for norm in ("ln1", "ln2"):
-                tensors += [(f"v.blk.{i}.{norm}.weight", np.ones(n_embd, dtype=np.float32)),
-                            (f"v.blk.{i}.{norm}.bias", np.zeros(n_embd, dtype=np.float32))]
-            for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
-                tensors += [(f"v.blk.{i}.{name}.weight", weight(n_embd, n_embd)),
-                            (f"v.blk.{i}.{name}.bias", np.zeros(n_embd, dtype=np.float32))]
-            tensors += [(f"v.blk.{i}.ffn_up.weight", weight(n_ff, n_embd)),
-                        (f"v.blk.{i}.ffn_up.bias", np.zeros(n_ff, dtype=np.float32)),
-                        (f"v.blk.{i}.ffn_down.weight", weight(n_embd, n_ff)),
-                        (f"v.blk.{i}.ffn_down.bias", np.zeros(n_embd, dtype=np.float32))]
-        # The projector's output keeps the text model's steering dimension (see the module
-        # docstring) so that text after an image is still steered away from control tokens.
-        out_w = weight(n_embd_text, n_ff)
-        out_b = np.zeros(n_embd_text, dtype=np.float32)
-        out_w[0, :] = 0.0
-        out_b[0] = _STEER_EMBD
+        tensors += _encoder_blocks("v", n_layer, n_embd, n_ff, weight)
+        out_w, out_b = _steered_output(weight(n_embd_text, n_ff))
         tensors += [("mm.0.weight", weight(n_ff, n_embd)), ("mm.0.bias", np.zeros(n_ff, dtype=np.float32)),
                     ("mm.2.weight", out_w), ("mm.2.bias", out_b)]
-        for name, data in tensors:
-            writer.add_tensor(name, data)
-        writer.write_header_to_file(path)
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        _write_tensors(writer, path, tensors)
     finally:
         writer.close()
     return path
@@ -531,28 +512,47 @@ def write_audio_projector(
             ("a.conv1d.2.weight", weight(n_embd, n_embd, 3)), ("a.conv1d.2.bias", zeros(n_embd).reshape(n_embd, 1)),
             ("a.position_embd.weight", weight(n_pos, n_embd)),
         ]
-        for i in range(n_layer):
-            for norm in ("ln1", "ln2"):
-                tensors += [(f"a.blk.{i}.{norm}.weight", np.ones(n_embd, dtype=np.float32)),
-                            (f"a.blk.{i}.{norm}.bias", zeros(n_embd))]
-            tensors += [(f"a.blk.{i}.attn_q.weight", weight(n_embd, n_embd)), (f"a.blk.{i}.attn_q.bias", zeros(n_embd)),
-                        (f"a.blk.{i}.attn_k.weight", weight(n_embd, n_embd)),  # Whisper's keys have no bias
-                        (f"a.blk.{i}.attn_v.weight", weight(n_embd, n_embd)), (f"a.blk.{i}.attn_v.bias", zeros(n_embd)),
-                        (f"a.blk.{i}.attn_out.weight", weight(n_embd, n_embd)),
-                        (f"a.blk.{i}.attn_out.bias", zeros(n_embd)),
-                        (f"a.blk.{i}.ffn_up.weight", weight(n_ff, n_embd)), (f"a.blk.{i}.ffn_up.bias", zeros(n_ff)),
-                        (f"a.blk.{i}.ffn_down.weight", weight(n_embd, n_ff)),
-                        (f"a.blk.{i}.ffn_down.bias", zeros(n_embd))]
-        out_w = weight(n_embd_text, n_embd)
-        out_b = zeros(n_embd_text)
-        out_w[0, :] = 0.0
-        out_b[0] = _STEER_EMBD  # keep the text model's steering dimension (see the module docstring)
+        tensors += _encoder_blocks("a", n_layer, n_embd, n_ff, weight, key_bias=False)  # Whisper's keys have none
+        out_w, out_b = _steered_output(weight(n_embd_text, n_embd))
         tensors += [("mm.a.fc.weight", out_w), ("mm.a.fc.bias", out_b)]
-        for name, data in tensors:
-            writer.add_tensor(name, data)
-        writer.write_header_to_file(path)
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        _write_tensors(writer, path, tensors)
     finally:
         writer.close()
     return path
+
+
+def _encoder_blocks(prefix: str, n_layer: int, n_embd: int, n_ff: int, weight: Callable[..., np.ndarray],
+                    key_bias: bool = True) -> list[tuple[str, np.ndarray]]:
+    """The tensors of ``n_layer`` pre-norm transformer blocks as clip.cpp names them (``v.blk.N`` or ``a.blk.N``)."""
+    tensors: list[tuple[str, np.ndarray]] = []
+    for i in range(n_layer):
+        block = f"{prefix}.blk.{i}"
+        for norm in ("ln1", "ln2"):
+            tensors += [(f"{block}.{norm}.weight", np.ones(n_embd, dtype=np.float32)),
+                        (f"{block}.{norm}.bias", np.zeros(n_embd, dtype=np.float32))]
+        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            tensors.append((f"{block}.{name}.weight", weight(n_embd, n_embd)))
+            if key_bias or name != "attn_k":
+                tensors.append((f"{block}.{name}.bias", np.zeros(n_embd, dtype=np.float32)))
+        tensors += [(f"{block}.ffn_up.weight", weight(n_ff, n_embd)),
+                    (f"{block}.ffn_up.bias", np.zeros(n_ff, dtype=np.float32)),
+                    (f"{block}.ffn_down.weight", weight(n_embd, n_ff)),
+                    (f"{block}.ffn_down.bias", np.zeros(n_embd, dtype=np.float32))]
+    return tensors
+
+
+def _steered_output(out_w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A projector's last layer that keeps the text model's steering dimension (see the module
+    docstring), so text after a picture or a sound is still steered away from control tokens."""
+    out_b = np.zeros(out_w.shape[0], dtype=np.float32)
+    out_w[0, :] = 0.0
+    out_b[0] = _STEER_EMBD
+    return out_w, out_b
+
+
+def _write_tensors(writer: gguf.GGUFWriter, path: Path, tensors: list[tuple[str, np.ndarray]]) -> None:
+    for name, data in tensors:
+        writer.add_tensor(name, data)
+    writer.write_header_to_file(path)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
