@@ -354,6 +354,26 @@ def test_public_health_hides_rpc_addresses(models_dir: Path, make_server: Callab
     assert private["split"]["rpc_servers"] == ["10.0.0.9:50052"] and private["local"]["devices"]
 
 
+def test_a_failed_rpc_load_names_its_endpoint_to_admins_only(models_dir: Path,
+                                                             make_server: Callable[..., LiveServer]) -> None:
+    """The load error kept in the listings names the unreachable endpoint: public /health and a
+    user key's /v1/models show the error without the address, an admin key sees all of it."""
+    dead = f"127.0.0.1:{free_port()}"
+    write_llama_model(models_dir / "split.gguf", seed=4)
+    server = make_server(server={"api_keys": ["user"], "admin_api_keys": ["admin"]},
+                         models={"split": {"rpc_servers": [dead]}})
+    user, admin = {"Authorization": "Bearer user"}, {"Authorization": "Bearer admin"}
+    failed = server.post("/v1/completions", {"model": "split", "prompt": "Hi", "max_tokens": 1}, headers=admin)
+    assert failed.status_code == 500 and dead in failed.json()["error"]["message"], failed.text
+    public = [server.get("/health").text, server.get("/health", headers=user).text,
+              server.get("/v1/models", headers=user).text, server.get("/v1/models/split", headers=user).text]
+    for body in public:
+        assert "unreachable" in body and dead not in body and str(models_dir) not in body, body
+        assert '"rpc_servers"' not in body and '"devices"' not in body, body
+    private = next(m for m in server.get("/health", headers=admin).json()["models"] if m["id"] == "split")
+    assert dead in private["error"] and private["rpc_servers"] == [dead]
+    assert server.get("/v1/models/split", headers=admin).json()["rpc_servers"] == [dead]
+
 
 def test_a_silent_endpoint_is_named_even_when_rpc_timeout_outlasts_worker_timeout(
         models_dir: Path, silent_endpoint: str, make_server: Callable[..., LiveServer]) -> None:
