@@ -10,6 +10,7 @@ vanishes mid-stream fails that model's requests and nothing else.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -26,7 +27,8 @@ from typing import Any
 import pytest
 import requests
 from conftest import JOIN_TIMEOUT, ROOT, LiveServer, sse_events
-from gguf_factory import write_llama_model
+from gguf_factory import CHATML_TEMPLATE, write_llama_model, write_mlp_projector
+from test_vision import ask, image_part, picture
 
 from config import ConfigError, load_settings
 from engine import ggml_rpc
@@ -384,3 +386,21 @@ def test_a_silent_endpoint_is_named_even_when_rpc_timeout_outlasts_worker_timeou
     error = response.json()["error"]
     assert response.status_code == 500 and silent_endpoint in error["message"], error
     assert "did not answer within 1 s" in error["message"], error
+
+
+def test_pictures_are_encoded_on_this_box_not_on_an_rpc_server(
+        models_dir: Path, rpc_workers: Callable[[], RpcWorker], make_server: Callable[..., LiveServer],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """RPC devices are GPUs to ggml: left to choose, mtmd would put the projector on the first RPC
+    server and send every picture over the network. It runs on a local GPU, or the CPU."""
+    worker = rpc_workers()
+    (models_dir / "vision").mkdir()
+    write_llama_model(models_dir / "vision" / "seeing.gguf", seed=3, chat_template=CHATML_TEMPLATE)
+    write_mlp_projector(models_dir / "vision" / "mmproj-seeing.gguf")
+    server = make_server(manager={"n_gpu_layers": -1}, models={"seeing": {"rpc_servers": [worker.endpoint]}})
+    caplog.set_level(logging.DEBUG, logger="llama_cpp.native")
+    body = {"model": "seeing", "messages": ask(image_part(picture(1))), "max_tokens": 2, "temperature": 0}
+    assert server.post("/v1/chat/completions", body).status_code == 200
+    assert rpc_bytes(server.model_view("seeing"), worker.endpoint) > 0  # the text model's layers did go there
+    backends = [r.getMessage() for r in caplog.records if "CLIP using" in r.getMessage()]
+    assert backends and not any("RPC" in line for line in backends), backends
