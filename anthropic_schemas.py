@@ -222,8 +222,8 @@ def _messages(body: CountTokensRequest) -> list[dict[str, Any]]:
             continue
         for position, block in enumerate(message.content):
             if not isinstance(block, _ALLOWED[message.role]):
-                raise InvalidRequest(f"Invalid 'messages[{at}].content[{position}]': a {block.type} block cannot "
-                                     f"be sent in a {message.role} message", param=f"messages[{at}].content")
+                raise InvalidRequest(f"Invalid 'messages[{at}].content[{position}]': {block.type} blocks cannot "
+                                     f"be sent in {message.role} messages", param=f"messages[{at}].content")
         messages.extend(_user(message.content, at) if message.role == "user" else [_assistant(message.content)])
     return messages
 

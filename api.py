@@ -7,6 +7,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 import completions
+from auth import caller_is_admin
 from embeddings import create_embeddings
 from errors import ModelNotFound
 from request_checks import judge
@@ -39,7 +40,7 @@ def embeddings() -> Response:
 def list_models() -> Response:
     """Every discovered model, loaded or not, in OpenAI's list shape (plus live state)."""
     data = []
-    for view in app_state().manager.models():
+    for view in _views():
         entry = _model_object(view)
         data.append(entry)
         data.extend({**entry, "id": alias, "alias_of": view["id"]} for alias in view["aliases"])
@@ -51,7 +52,7 @@ def get_model(model: str) -> Response:
     """One model by id."""
     manager = app_state().manager
     model_id = manager.resolve(model)
-    for view in manager.models():
+    for view in _views():
         if view["id"] == model_id:
             return jsonify(_model_object(view))
     raise ModelNotFound(f"The model '{model[:100]}' does not exist", param="model")
@@ -68,6 +69,12 @@ def _complete(kind: str, body: Any) -> Response:
     if body.stream:
         return completions.stream(job)
     return jsonify(completions.complete(job))
+
+
+def _views() -> list[dict[str, Any]]:
+    # As /health: RPC servers and devices are for admins (addresses of a protocol without authentication).
+    state = app_state()
+    return state.manager.models(relative_paths=not caller_is_admin(state.settings.server))
 
 
 def _model_object(view: dict[str, Any]) -> dict[str, Any]:

@@ -58,7 +58,18 @@ def model_view(file: ModelFile, model: ModelSettings, generate: InstanceSnapshot
     view.update(instance_view(generate, public))
     if embed is not None:
         view["embeddings"] = instance_view(embed, public)
+    if public:
+        # A failed RPC load's error names the endpoint it could not reach.
+        for part in (view, view.get("embeddings") or {}):
+            if part.get("error"):
+                part["error"] = _without_addresses(part["error"], rpc_servers or [])
     return view
+
+
+def _without_addresses(message: str, rpc_servers: list[str]) -> str:
+    for endpoint in sorted(rpc_servers, key=len, reverse=True):
+        message = message.replace(endpoint, "(an RPC server)")
+    return message
 
 
 def instance_view(seen: InstanceSnapshot, public: bool = False) -> dict[str, Any]:

@@ -35,7 +35,7 @@ PROTOCOL_MAJOR = 7  # RPC_PROTO_MAJOR_VERSION of the ggml we ship
 PROTOCOL_MINOR = 0
 CAPS_SIZE = 24  # rpc_msg_hello_req: transport capabilities; all zero means plain TCP
 HELLO_REPLY_SIZE = 4 + CAPS_SIZE  # major, minor, patch, padding, then the server's capabilities
-DEVICE_TYPE_CPU, DEVICE_TYPE_GPU = 0, 1  # enum ggml_backend_dev_type
+DEVICE_TYPE_CPU, DEVICE_TYPE_GPU, DEVICE_TYPE_IGPU = 0, 1, 2  # enum ggml_backend_dev_type
 MAX_SERVERS = 16  # GGML_RPC_MAX_SERVERS
 
 
@@ -131,6 +131,18 @@ def local_devices(lib: ctypes.CDLL | None = None) -> list[int]:
     gpus = [dev for dev in (lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count()))
             if lib.ggml_backend_dev_type(dev) == DEVICE_TYPE_GPU and not _is_rpc(lib, dev)]
     return gpus or [lib.ggml_backend_dev_by_type(DEVICE_TYPE_CPU)]
+
+
+def local_gpu(lib: ctypes.CDLL | None = None) -> int | None:
+    """The device mtmd would pick for a projector, RPC devices left out (ggml counts them as GPUs):
+    the first GPU here, else the first integrated one; None for none (the CPU)."""
+    lib = lib or _ggml()
+    devices = [lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count())]
+    for wanted in (DEVICE_TYPE_GPU, DEVICE_TYPE_IGPU):
+        for dev in devices:
+            if lib.ggml_backend_dev_type(dev) == wanted and not _is_rpc(lib, dev):
+                return dev
+    return None
 
 
 def describe(dev: int) -> Device:

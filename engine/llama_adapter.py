@@ -36,6 +36,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
 
+from engine import ggml_rpc
 from engine.projector import MediaChunk, MediaError, Piece, Projector, ProjectorError
 from engine.protocol import MediaInput, ModelInfo, ModelOptions, SamplingParams, TokenLogprob
 
@@ -199,8 +200,10 @@ class LoadedModel:
     def _load_projector(self, path: str) -> None:
         self.native_log.complaints.clear()
         try:
+            # Named, not left to mtmd: it would take an RPC server (a GPU to ggml) when this box has no GPU.
+            device = ggml_rpc.local_gpu() if self.options.n_gpu_layers != 0 else None
             self.projector = Projector(path, self.llama._model.model, n_threads=self.options.n_threads or 1,
-                                       use_gpu=self.options.n_gpu_layers != 0, log_callback=self.native_log.callback)
+                                       device=device, log_callback=self.native_log.callback)
         except ProjectorError as exc:
             reason = self.native_log.complaints[-1] if self.native_log.complaints else str(exc)
             self.close()

@@ -59,14 +59,16 @@ Piece = list[int] | MediaChunk
 class Projector:
     """An ``mtmd_context`` for one loaded text model."""
 
-    def __init__(self, path: str, text_model: Any, *, n_threads: int, use_gpu: bool,
+    def __init__(self, path: str, text_model: Any, *, n_threads: int, device: int | None,
                  log_callback: Any) -> None:
-        """``text_model``: the ``llama_model`` pointer; ``log_callback``: a ggml log callback
-        (it must outlive the projector). Raises ``ProjectorError``."""
+        """``text_model``: the ``llama_model`` pointer; ``device``: the ggml device to encode on
+        (None: the CPU); ``log_callback``: a ggml log callback (it must outlive the projector).
+        Raises ``ProjectorError``."""
         mtmd.mtmd_log_set(log_callback, ctypes.c_void_p(0))
         mtmd.mtmd_helper_log_set(log_callback, ctypes.c_void_p(0))
         params = mtmd.mtmd_context_params_default()
-        params.use_gpu = use_gpu
+        params.use_gpu = device is not None
+        params.device = device
         params.n_threads = n_threads
         params.print_timings = False
         params.media_marker = MEDIA_MARKER.encode()

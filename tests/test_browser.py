@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import re
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from http.server import HTTPServer, SimpleHTTPRequestHandler
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import JOIN_TIMEOUT, ROOT, LiveServer, chat_body
-from gguf_factory import build_vocab, write_llama_model
+from gguf_factory import CHATML_TEMPLATE, build_vocab, write_llama_model, write_mlp_projector
 from helpers import gbnf_literal
 
 from chat_format import model_dialect
@@ -232,6 +233,29 @@ def test_chat_box_shows_an_error_event(make_server, page, models_dir):
     expect(page.get_by_role("button", name="Send")).to_be_enabled()
     expect(page.locator(".message.assistant.failed .content")).to_have_text("(no answer)")
     assert server.model_view("broken")["state"] == "failed"
+
+
+def test_chat_with_a_model_whose_rpc_server_is_down_then_with_a_vision_model(make_server, page, models_dir):
+    """An unreachable RPC server fails that model's load with the reason on the page; the page goes on
+    to a text-only chat with a model that reads pictures."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{probe.getsockname()[1]}"
+    (models_dir / "split.gguf").write_bytes((models_dir / "tiny-chat.gguf").read_bytes())
+    (models_dir / "vision").mkdir()
+    write_llama_model(models_dir / "vision" / "seeing.gguf", seed=3, chat_template=CHATML_TEMPLATE)
+    write_mlp_projector(models_dir / "vision" / "mmproj-seeing.gguf")
+    server = make_server(models={"split": {"rpc_servers": [dead]}})
+    page.goto(server.url + "/")
+    page.get_by_label("Model", exact=True).select_option("split")
+    page.get_by_label("Message").fill("Hello")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#chat-error")).to_contain_text("unreachable")
+    expect(page.locator(".message.assistant.failed .content")).to_have_text("(no answer)")
+    answer = send_chat(page, "seeing", "Hello")
+    expect(answer.locator(".content")).to_have_text(re.compile(r"\S"))
+    expect(page.locator("#chat-error")).to_be_hidden()
+    assert server.model_view("split")["state"] == "failed" and server.model_view("seeing")["state"] == "loaded"
 
 
 def test_page_asks_for_an_api_key_and_sends_it(make_server, page):

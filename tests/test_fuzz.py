@@ -1,6 +1,7 @@
 """Hostile input: arbitrary JSON at every endpoint, hostile grammars and JSON schemas, and
 Schemathesis against /openapi.json.
 
+Pictures and sounds are fuzzed in every dialect that carries them, against real projectors.
 Whatever arrives, the answer is never a 500 and never a traceback; every error has its API's
 shape (OpenAI's, Anthropic's on ``/v1/messages``, Ollama's under ``/api/``). The server runs
 real models with a tiny context and a token cap, so even the valid requests the fuzzers stumble
@@ -9,6 +10,7 @@ on finish in milliseconds.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -20,9 +22,11 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 from conftest import LiveServer, check_response, sse_events
+from gguf_factory import write_audio_projector, write_mlp_projector
 from helpers import TOOLS_TEMPLATE, anthropic_events, grammar_texts, json_schemas
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_vision import picture, wav
 
 from grammar.checker import GrammarChecker
 
@@ -71,8 +75,13 @@ def fuzz_server(tmp_path_factory) -> LiveServer:
     conftest.write_llama_model(models / "tiny.gguf", seed=1)
     conftest.write_llama_model(models / "tiny-chat.gguf", seed=2, chat_template=conftest.CHATML_TEMPLATE)
     conftest.write_llama_model(models / "tiny-tools.gguf", seed=3, chat_template=TOOLS_TEMPLATE)
+    for name, write_projector in (("tiny-vision", write_mlp_projector), ("tiny-audio", write_audio_projector)):
+        (models / name).mkdir()
+        conftest.write_llama_model(models / name / f"{name}.gguf", seed=4, chat_template=conftest.CHATML_TEMPLATE)
+        write_projector(models / name / f"mmproj-{name}.gguf")
     started = conftest.start_live_server(models, {"n_ctx": 64, "max_tokens_limit": 4, "unload_timeout": 1},
-                                         models={"tiny-tools": {"n_ctx": 2048}},  # the prompt lists the tools
+                                         models={"tiny-tools": {"n_ctx": 2048},  # the prompt lists the tools
+                                                 "tiny-vision": {"n_ctx": 256}, "tiny-audio": {"n_ctx": 512}},
                                          grammars=GrammarChecker(timeout=GRAMMAR_SECONDS))
     yield started
     started._stop()
@@ -139,6 +148,66 @@ def test_deeply_nested_json_is_a_400(fuzz_server: LiveServer):
     response = requests.post(fuzz_server.url + "/v1/chat/completions", data=raw, timeout=30)
     assert response.status_code in (400, 413)
     assert_well_formed(response)
+
+
+# Pictures and sounds in every dialect that carries them: real files, broken ones, odd data and
+# http URLs, wrong types, more parts than a request may hold.
+MEDIA_FILES = [picture(1, (8, 6)), picture(2, (8, 6), "JPEG"), picture(3, (8, 6), "GIF")[:20], b"", b"GIF89a",
+               wav(0.2, 16000, 1), wav(0.05, 16000, 1), wav(0.2, 8000, 2, 1)[:40]]
+media_base64 = (st.sampled_from(MEDIA_FILES) | st.binary(max_size=48)).map(
+    lambda raw: base64.b64encode(raw).decode()) | st.text(max_size=12)
+media_urls = (st.builds(lambda mime, data: f"data:{mime};base64,{data}",
+                        st.sampled_from(["image/png", "image/jpeg", "audio/wav", "text/plain", ""]), media_base64)
+              | st.sampled_from(["", "data:", "data:image/png,raw", "data:;base64,", "http://127.0.0.1:1/a.png",
+                                 "https://example.invalid/a.png", "file:///etc/passwd", "ftp://x/y", "http://[::1",
+                                 "http://a:99999/", "http://user@/x", "//x", "\x00"]))
+image_parts = (st.fixed_dictionaries({"type": st.just("image_url"),
+                                      "image_url": st.fixed_dictionaries({"url": media_urls}, optional={
+                                          "detail": st.sampled_from(["auto", "low", "high", "x"]) | scalars})})
+               | st.builds(lambda url: {"type": "image_url", "image_url": url}, media_urls | json_values))
+audio_parts = st.fixed_dictionaries({"type": st.just("input_audio"), "input_audio": st.fixed_dictionaries(
+    {"data": media_base64, "format": st.sampled_from(["wav", "mp3", "ogg"]) | scalars})})
+anthropic_images = st.builds(lambda source: {"type": "image", "source": source},
+                             st.fixed_dictionaries({"type": st.just("base64"), "data": media_base64},
+                                                   optional={"media_type": st.sampled_from(
+                                                       ["image/png", "image/jpeg", "image/gif", "text/plain"])})
+                             | st.fixed_dictionaries({"type": st.just("url"), "url": media_urls})
+                             | json_values)
+media_models = st.sampled_from(["tiny-vision", "tiny-audio", "tiny-chat", "tiny"])
+media_requests = st.one_of(
+    st.tuples(st.just("/v1/chat/completions"), st.fixed_dictionaries({
+        "model": media_models, "max_tokens": st.just(2), "stream": st.booleans(),
+        "messages": st.lists(st.fixed_dictionaries({
+            "role": st.sampled_from(["user", "user", "user", "assistant", "system"]),
+            "content": st.lists(st.just({"type": "text", "text": "Hi"}) | image_parts | audio_parts,
+                                max_size=4)}), min_size=1, max_size=2)})),
+    st.tuples(st.sampled_from(["/v1/messages", "/v1/messages/count_tokens"]), st.fixed_dictionaries({
+        "model": media_models, "max_tokens": st.just(2), "stream": st.booleans(),
+        "messages": st.lists(st.fixed_dictionaries({
+            "role": st.sampled_from(["user", "assistant"]),
+            "content": st.lists(st.just({"type": "text", "text": "Hi"}) | anthropic_images, min_size=1,
+                                max_size=3)}), min_size=1, max_size=2)})),
+    st.tuples(st.just("/api/chat"), st.fixed_dictionaries({
+        "model": media_models, "stream": st.booleans(), "options": st.just({"num_predict": 2}),
+        "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]),
+                                                    "content": st.just("Hi"),
+                                                    "images": st.lists(media_base64, max_size=3) | json_values}),
+                             min_size=1, max_size=2)})),
+    st.tuples(st.just("/api/generate"), st.fixed_dictionaries({
+        "model": media_models, "prompt": st.just("Hi"), "stream": st.booleans(),
+        "options": st.just({"num_predict": 2}), "raw": st.booleans(),
+        "images": st.lists(media_base64, max_size=3) | json_values})))
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(request=media_requests)
+def test_hostile_pictures_and_sounds_never_break_the_server(fuzz_server: LiveServer,
+                                                            request: tuple[str, dict[str, Any]]):
+    path, body = request
+    response = requests.post(fuzz_server.url + path, json=body, timeout=30)
+    assert_well_formed(response)
+    assert response.status_code != 503, response.text[:500]
 
 
 GRAMMAR_FUZZ = settings(max_examples=60, deadline=None,

@@ -10,6 +10,7 @@ vanishes mid-stream fails that model's requests and nothing else.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -26,7 +27,8 @@ from typing import Any
 import pytest
 import requests
 from conftest import JOIN_TIMEOUT, ROOT, LiveServer, sse_events
-from gguf_factory import write_llama_model
+from gguf_factory import CHATML_TEMPLATE, write_llama_model, write_mlp_projector
+from test_vision import ask, image_part, picture
 
 from config import ConfigError, load_settings
 from engine import ggml_rpc
@@ -354,6 +356,26 @@ def test_public_health_hides_rpc_addresses(models_dir: Path, make_server: Callab
     assert private["split"]["rpc_servers"] == ["10.0.0.9:50052"] and private["local"]["devices"]
 
 
+def test_a_failed_rpc_load_names_its_endpoint_to_admins_only(models_dir: Path,
+                                                             make_server: Callable[..., LiveServer]) -> None:
+    """The load error kept in the listings names the unreachable endpoint: public /health and a
+    user key's /v1/models show the error without the address, an admin key sees all of it."""
+    dead = f"127.0.0.1:{free_port()}"
+    write_llama_model(models_dir / "split.gguf", seed=4)
+    server = make_server(server={"api_keys": ["user"], "admin_api_keys": ["admin"]},
+                         models={"split": {"rpc_servers": [dead]}})
+    user, admin = {"Authorization": "Bearer user"}, {"Authorization": "Bearer admin"}
+    failed = server.post("/v1/completions", {"model": "split", "prompt": "Hi", "max_tokens": 1}, headers=admin)
+    assert failed.status_code == 500 and dead in failed.json()["error"]["message"], failed.text
+    public = [server.get("/health").text, server.get("/health", headers=user).text,
+              server.get("/v1/models", headers=user).text, server.get("/v1/models/split", headers=user).text]
+    for body in public:
+        assert "unreachable" in body and dead not in body and str(models_dir) not in body, body
+        assert '"rpc_servers"' not in body and '"devices"' not in body, body
+    private = next(m for m in server.get("/health", headers=admin).json()["models"] if m["id"] == "split")
+    assert dead in private["error"] and private["rpc_servers"] == [dead]
+    assert server.get("/v1/models/split", headers=admin).json()["rpc_servers"] == [dead]
+
 
 def test_a_silent_endpoint_is_named_even_when_rpc_timeout_outlasts_worker_timeout(
         models_dir: Path, silent_endpoint: str, make_server: Callable[..., LiveServer]) -> None:
@@ -364,3 +386,21 @@ def test_a_silent_endpoint_is_named_even_when_rpc_timeout_outlasts_worker_timeou
     error = response.json()["error"]
     assert response.status_code == 500 and silent_endpoint in error["message"], error
     assert "did not answer within 1 s" in error["message"], error
+
+
+def test_pictures_are_encoded_on_this_box_not_on_an_rpc_server(
+        models_dir: Path, rpc_workers: Callable[[], RpcWorker], make_server: Callable[..., LiveServer],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """RPC devices are GPUs to ggml: left to choose, mtmd would put the projector on the first RPC
+    server and send every picture over the network. It runs on a local GPU, or the CPU."""
+    worker = rpc_workers()
+    (models_dir / "vision").mkdir()
+    write_llama_model(models_dir / "vision" / "seeing.gguf", seed=3, chat_template=CHATML_TEMPLATE)
+    write_mlp_projector(models_dir / "vision" / "mmproj-seeing.gguf")
+    server = make_server(manager={"n_gpu_layers": -1}, models={"seeing": {"rpc_servers": [worker.endpoint]}})
+    caplog.set_level(logging.DEBUG, logger="llama_cpp.native")
+    body = {"model": "seeing", "messages": ask(image_part(picture(1))), "max_tokens": 2, "temperature": 0}
+    assert server.post("/v1/chat/completions", body).status_code == 200
+    assert rpc_bytes(server.model_view("seeing"), worker.endpoint) > 0  # the text model's layers did go there
+    backends = [r.getMessage() for r in caplog.records if "CLIP using" in r.getMessage()]
+    assert backends and not any("RPC" in line for line in backends), backends

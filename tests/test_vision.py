@@ -328,6 +328,11 @@ def test_anthropic_image_blocks(server: LiveServer) -> None:
         client.messages.create(model=MODEL, max_tokens=5, messages=[  # type: ignore[arg-type]
             {"role": "user", "content": [{"type": "text", "text": "Hi"}, broken]}])
     assert "messages[0].content[1]" in refused.value.body["error"]["message"]  # type: ignore[index]
+    with pytest.raises(anthropic.BadRequestError) as misplaced:
+        client.messages.create(model=MODEL, max_tokens=5, messages=[  # type: ignore[arg-type]
+            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": [block]}])
+    assert misplaced.value.body["error"]["message"] == (  # type: ignore[index]
+        "Invalid 'messages[1].content[0]': image blocks cannot be sent in assistant messages")
 
 
 def test_ollama_images(server: LiveServer) -> None:
