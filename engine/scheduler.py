@@ -87,6 +87,8 @@ class Sequence:
     def position(self, index: int) -> int:
         """The KV position of ``tokens[index]``: its index, less the cells beyond their
         positions of the media before it (M-RoPE models give a picture fewer positions)."""
+        if not self.media:  # text only, the common case: called for every token put in a batch
+            return index
         shift = sum(c.n_tokens - c.n_pos for start, c in self.media.items() if start + c.n_tokens <= index)
         return index - shift
 
@@ -99,6 +101,8 @@ class Sequence:
 
     def text_run(self, index: int, limit: int) -> int:
         """How many of at most ``limit`` tokens from ``index`` are text (before the next media chunk)."""
+        if not self.media:
+            return limit
         ahead = [start - index for start in self.media if start >= index]
         return min([limit, *ahead])
 
@@ -648,6 +652,8 @@ class Scheduler:
         """The one media chunk this step encodes: the oldest sequence's whose prompt reached
         one, once its cells are free. The oldest may preempt newer sequences for them, as a
         generating one may; a newer one waits."""
+        if not any(slot.request is not None and slot.request.media for slot in self.slots):
+            return None  # every step runs this: without media, skip the sort of the slots
         for rank, slot in enumerate(self._active()):
             request = slot.request
             assert request is not None
