@@ -281,7 +281,7 @@ class Worker:
             if options.rpc_servers:
                 self._rpc_loads.add(request_id)
         try:
-            self._send(p.Load(request_id, str(path), options), request_id)
+            self._send(p.Load(request_id, str(path), options, native_log.getEffectiveLevel()), request_id)
             answer = self._wait(inbox, timeout, f"loading {path}")
         finally:
             with self._lock:

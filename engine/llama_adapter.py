@@ -76,6 +76,7 @@ class NativeLog:
         self.complaints: deque[str] = deque(maxlen=8)
         self.model_buffers: dict[str, int] = {}  # the loader's "<buffer> model buffer size" lines
         self._last_level = logging.DEBUG
+        self.min_level = logging.DEBUG  # lines below it are not passed to the sink
         self.callback = llama_cpp.llama_log_callback(self._on_log)
         llama_cpp.llama_log_set(self.callback, ctypes.c_void_p(0))
 
@@ -88,9 +89,10 @@ class NativeLog:
                 return
             if mapped >= logging.WARNING:
                 self.complaints.append(message)
-            elif (found := _MODEL_BUFFER.search(message)) is not None:
+            elif "model buffer size" in message and (found := _MODEL_BUFFER.search(message)) is not None:
                 self.model_buffers[found[1]] = round(float(found[2]) * 2**20)
-            self.sink(mapped, message)
+            if mapped >= self.min_level:
+                self.sink(mapped, message)
         except Exception:  # an exception must never cross into C
             pass
 

@@ -130,6 +130,7 @@ class WorkerLoop:
                 return False
             self._refuse_before_load(message)
             message = self._next_message()
+        self.native_log.min_level = message.log_level
         sent = [-1.0]
 
         def progress(fraction: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -478,3 +479,40 @@ def test_choices_sharing_a_prompt_count_its_cells_once(make_worker: Callable[...
     assert stats["shared_prompts"] == 2
     assert stats["preemptions"] == 0, stats
     assert len(set(texts)) == 1
+
+
+class LogSpy:
+    """The server's ``llama_cpp.native`` logger, recording the level of every line a worker sends."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self.levels: list[int] = []
+
+    def getEffectiveLevel(self) -> int:
+        return self.logger.getEffectiveLevel()
+
+    def log(self, level: int, message: str, *args: Any) -> None:
+        self.levels.append(level)
+        self.logger.log(level, message, *args)
+
+
+@pytest.mark.parametrize("level", [logging.DEBUG, logging.INFO])
+def test_native_log_lines_cross_the_pipe_only_down_to_the_servers_level(
+        make_worker: Callable[..., Worker], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+        level: int) -> None:
+    """llama.cpp's lines arrive with the worker's pid; those below the level the server writes
+    stay in the worker: a load logs thousands at debug level (llama.cpp's info included), and
+    sending them only to be dropped made a cold start about 50 ms slower."""
+    import engine.client
+
+    spy = LogSpy(engine.client.native_log)
+    monkeypatch.setattr(engine.client, "native_log", spy)
+    caplog.set_level(level, logger="llama_cpp.native")
+    worker = make_worker()
+    lines = [r.getMessage() for r in caplog.records if r.name == "llama_cpp.native"]
+    assert any(line.startswith(f"[worker {worker.pid}] load: bad special token") for line in lines)  # a warning
+    debug = [lvl for lvl in spy.levels if lvl < logging.INFO]
+    if level == logging.DEBUG:
+        assert len(debug) > 100 and any("model buffer size" in line for line in lines)
+    else:
+        assert not debug and spy.levels
