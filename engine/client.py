@@ -6,7 +6,7 @@ Concurrency model:
   Sends are serialised by ``_send_lock`` (a ``Connection`` must not be written by two threads
   at once); it is held only for one ``send``.
 * One reader thread per worker receives every message and routes it by request id to the
-  ``queue.Queue`` of the request waiting for it. ``_lock`` guards the routing table
+  ``queue.SimpleQueue`` of the request waiting for it. ``_lock`` guards the routing table
   (``_waiters``), the id counter, ``_dead`` and ``_last_heard``; it is never held while
   sending, waiting or calling back.
 * Callbacks run on the reader thread: ``on_progress`` (from ``load``) and ``on_exit``. They must
@@ -31,6 +31,7 @@ import itertools
 import logging
 import os
 import queue
+import select
 import signal
 import socket
 import subprocess
@@ -118,7 +119,7 @@ class Stream:
     ``finish_reason="cancelled"``). Call it when the consumer goes away early.
     """
 
-    def __init__(self, worker: Worker, request_id: int, inbox: queue.Queue[Any],
+    def __init__(self, worker: Worker, request_id: int, inbox: queue.SimpleQueue[Any],
                  params: p.SamplingParams | None = None) -> None:
         self._worker = worker
         self.id = request_id
@@ -220,7 +221,7 @@ class Worker:
         self._reader: threading.Thread | None = None
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
-        self._waiters: dict[int, queue.Queue[Any]] = {}
+        self._waiters: dict[int, queue.SimpleQueue[Any]] = {}
         self._progress: dict[int, Callable[[float], None]] = {}
         self._rpc_loads: set[int] = set()  # loads that must not be quiet for long (see above)
         self._ids = itertools.count(1)
@@ -357,8 +358,10 @@ class Worker:
 
     # ---- plumbing ----
 
-    def _open(self) -> tuple[int, queue.Queue[Any]]:
-        inbox: queue.Queue[Any] = queue.Queue()
+    def _open(self) -> tuple[int, queue.SimpleQueue[Any]]:
+        # SimpleQueue, not Queue: a put and a get happen per token, and Queue's are Python
+        # code around a Condition, several lock operations each.
+        inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         with self._lock:
             if self._dead is not None:
                 raise self._dead
@@ -391,7 +394,7 @@ class Worker:
         except OSError:
             pass  # a dead worker needs no cancel or shutdown
 
-    def _wait(self, inbox: queue.Queue[Any], timeout: float | None, what: str) -> Any:
+    def _wait(self, inbox: queue.SimpleQueue[Any], timeout: float | None, what: str) -> Any:
         try:
             answer = inbox.get(timeout=timeout)
         except queue.Empty:
@@ -419,9 +422,13 @@ class Worker:
     def _read_loop(self) -> None:
         conn = self._conn
         assert conn is not None
+        # One poll object for the worker's life: Connection.poll builds and tears down a
+        # selector on every call, which is per token here.
+        ready = select.poll()
+        ready.register(conn.fileno(), select.POLLIN)
         try:
             while True:
-                if not conn.poll(READ_POLL_SECONDS):
+                if not ready.poll(READ_POLL_SECONDS * 1000):
                     self._check_silence()
                     continue
                 message = conn.recv()
