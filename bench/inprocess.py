@@ -7,7 +7,11 @@ thread for decoding and for batches, CPU only, the same context. Sampling is gre
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import llama_cpp
@@ -81,6 +85,48 @@ def first_token(llama: llama_cpp.Llama, prompt: str) -> float:
     return seconds
 
 
+class FreshInterpreter:
+    """A new Python process with llama_cpp imported, waiting to load one model once.
+
+    It stands for a script that loads a model the first time: the state our server's spare
+    worker is in before its load (interpreter up, llama_cpp imported, nothing loaded yet).
+    Only ``Llama(...)`` plus the first token are timed, by the child itself; the start and
+    the imports are not.
+    """
+
+    def __init__(self, path: Path, n_ctx: int, prompt: str) -> None:
+        args = json.dumps({"path": str(path), "n_ctx": n_ctx, "prompt": prompt})
+        self._proc = subprocess.Popen([sys.executable, "-m", "bench.inprocess", args], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+        assert self._proc.stdout is not None
+        if self._proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the fresh interpreter did not start")
+
+    def cold_first_token(self) -> Sample:
+        """Load and take the first token; the process exits afterwards."""
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write("go\n")
+        self._proc.stdin.flush()
+        line = self._proc.stdout.readline()
+        self._proc.wait(30)
+        if not line:
+            raise RuntimeError(f"the fresh interpreter exited with {self._proc.returncode}")
+        return json.loads(line)
+
+
+def _fresh_main(args: dict[str, object], read_line: Callable[[], str]) -> None:
+    """The child of ``FreshInterpreter``: say ready, wait for the go, load, answer, exit."""
+    print("ready", flush=True)
+    read_line()
+    started = time.perf_counter()
+    llama = llama_cpp.Llama(model_path=str(args["path"]), n_ctx=int(str(args["n_ctx"])), verbose=False)
+    loaded = time.perf_counter()
+    first_token(llama, str(args["prompt"]))
+    finished = time.perf_counter()
+    print(json.dumps({"ms": (finished - started) * 1e3, "load_ms": (loaded - started) * 1e3}), flush=True)
+    llama.close()
+
+
 def cold_first_token(models: LocalModels, path: Path, prompt: str) -> Sample:
     """Seconds to construct ``Llama`` from ``path`` and have the first token (the old one closed untimed)."""
     models.discard(path)
@@ -89,3 +135,7 @@ def cold_first_token(models: LocalModels, path: Path, prompt: str) -> Sample:
     load_seconds = time.perf_counter() - started
     first_token(llama, prompt)
     return {"seconds": time.perf_counter() - started, "load_seconds": load_seconds}
+
+
+if __name__ == "__main__":
+    _fresh_main(json.loads(sys.argv[1]), sys.stdin.readline)
