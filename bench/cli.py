@@ -36,13 +36,17 @@ log = logging.getLogger("bench")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SMOKE_RUNS, SMOKE_TOKENS = 2, 16
 REAL_TOKENS, REAL_SMOKE_TOKENS = 128, 32  # --real: one stream's length (the long stream is twice that)
+# --real rounds: a decode step's time drifts by 10-20% from one second to the next on a shared
+# virtual machine; with 5 rounds the same settings gave median ratios 0.92 and 0.98 in one run.
+REAL_RUNS = 11
 BUSY_CORES = 0.3  # cores in use by others before the start above which the figures are suspect
 DESCRIPTION = "Benchmark llama-cpp-server (or --base-url) against llama-cpp-python in-process."
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=DESCRIPTION)
-    parser.add_argument("--runs", type=int, help="measured rounds per comparison, after one warm-up (default 5)")
+    parser.add_argument("--runs", type=int, help="measured rounds per comparison, after one warm-up "
+                                                 f"(default 5; {REAL_RUNS} with --real)")
     parser.add_argument("--tokens", type=int,
                         help=f"tokens per long stream (default 512; with --real {REAL_TOKENS}, "
                              f"the stream figures' length)")
@@ -70,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "enables the 'versus' figure, and is the other side of the --real figures")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
-    args.runs = args.runs or (SMOKE_RUNS if args.smoke else 5)
+    args.runs = args.runs or (SMOKE_RUNS if args.smoke else REAL_RUNS if args.real else 5)
     if args.real:
         args.tokens = args.tokens or (REAL_SMOKE_TOKENS if args.smoke else REAL_TOKENS)
     args.tokens = args.tokens or (SMOKE_TOKENS if args.smoke else 512)
