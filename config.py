@@ -58,7 +58,9 @@ class ManagerSettings(_Section):
     models_directory: Path = Path("./models")
     idle_timeout: float = Field(300, ge=0)
     check_interval: float = Field(60, gt=0)
-    n_ctx: int = Field(4096, ge=0)
+    # Shared by the `parallel` conversations (one unified KV cache): 4,096 cells pushed one of two
+    # 2,000-token conversations out to the RAM cache on every turn of the other.
+    n_ctx: int = Field(8192, ge=0)
     n_gpu_layers: int = -1
     n_threads: int | None = Field(None, ge=1)
     default_model: str | None = None

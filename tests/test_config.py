@@ -137,7 +137,7 @@ def test_shipped_config_has_the_documented_defaults():
     assert (server.host, server.port, server.cors_origins, server.log_level) == (
         "127.0.0.1", 8080, ["http://localhost:5000"], "INFO")
     assert manager.models_directory.resolve() == ROOT / "models"
-    assert (manager.idle_timeout, manager.check_interval, manager.n_ctx, manager.n_gpu_layers) == (300, 60, 4096, -1)
+    assert (manager.idle_timeout, manager.check_interval, manager.n_ctx, manager.n_gpu_layers) == (300, 60, 8192, -1)
     assert manager.n_threads is None
     assert manager.default_model is None
 
