@@ -12,6 +12,7 @@ or routing (404, 405), is then written in that shape, with the same status.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from collections.abc import Callable
@@ -31,9 +32,10 @@ class ServiceError(Exception):
     code: str | None = "internal_error"
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, detail: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self._detail = detail
         self.param = param
         self.headers = headers or {}
         if code is not None:
@@ -43,12 +45,37 @@ class ServiceError(Exception):
         """The OpenAI-shaped error object."""
         return error_body(self.message, self.type, self.param, self.code)
 
+    @property
+    def detail(self) -> str:
+        """The whole story, for the server log, events and admins, where ``message`` (what any
+        caller reads) leaves something out (see ``hide``); else the message."""
+        return self._detail if self._detail is not None else self.message
+
+    def hide(self, secrets: list[str] | tuple[str, ...], placeholder: str) -> ServiceError:
+        """Replace each of ``secrets`` in the message (not the detail) by ``placeholder``; ``self``.
+
+        For RPC servers' addresses: the protocol has no authentication, so only admins learn
+        where the servers are. A failed load's error is shared by every caller waiting on it,
+        so the choice is made where it is written (``error_response``), per caller.
+        """
+        if self._detail is None and secrets:
+            self._detail = self.message
+        for secret in sorted(secrets, key=len, reverse=True):  # "h:8050" before "h:80"
+            self.message = self.message.replace(secret, placeholder)
+        return self
+
     def rename_param(self, param: str | None) -> None:
         """Name the field ``param`` (as another API calls it), in the message as well."""
         if self.param is None or param is None or param == self.param:
             return
-        message = re.sub(rf"(?<![\w.]){re.escape(self.param)}(?!\w)", lambda _: param, self.message)
-        self.message = message if message != self.message else f"{param}: {self.message}"
+        def renamed(text: str) -> str:
+            new = re.sub(rf"(?<![\w.]){re.escape(old)}(?!\w)", lambda _: param, text)
+            return new if new != text else f"{param}: {text}"
+
+        old = self.param
+        self.message = renamed(self.message)
+        if self._detail is not None:
+            self._detail = renamed(self._detail)
         self.param = param
 
 
@@ -190,6 +217,7 @@ class HTTPError(ServiceError):
 
 ErrorShape = Callable[[ServiceError], dict[str, Any]]
 _SHAPES = "error_shapes"  # app.extensions key: [(path prefix, shape)]
+_SEES_DETAIL = "error_sees_detail"  # app.extensions key: register_error_handlers' sees_detail
 
 
 def register_error_shape(app: Flask, prefix: str, shape: ErrorShape) -> None:
@@ -197,8 +225,13 @@ def register_error_shape(app: Flask, prefix: str, shape: ErrorShape) -> None:
     app.extensions.setdefault(_SHAPES, []).append((prefix.rstrip("/"), shape))
 
 
-def register_error_handlers(app: Flask) -> None:
-    """Install the handlers that turn every exception into an error response."""
+def register_error_handlers(app: Flask, sees_detail: Callable[[], bool] = lambda: False) -> None:
+    """Install the handlers that turn every exception into an error response.
+
+    ``sees_detail``: whether the current request's caller may read an error's ``detail``
+    (an admin); others read its ``message``.
+    """
+    app.extensions[_SEES_DETAIL] = sees_detail
 
     @app.errorhandler(ServiceError)
     def _service_error(exc: ServiceError) -> Response:
@@ -217,6 +250,9 @@ def register_error_handlers(app: Flask) -> None:
 def error_response(exc: ServiceError) -> Response:
     """The JSON response for a service error, in the shape of the API the request went to."""
     shape = _shape(request.path) if has_request_context() else ServiceError.body
+    if exc.detail != exc.message and has_request_context() and current_app.extensions[_SEES_DETAIL]():
+        exc = copy.copy(exc)
+        exc.message = exc.detail
     response = jsonify(shape(exc))
     response.status_code = exc.status
     response.headers.update(exc.headers)

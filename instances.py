@@ -97,6 +97,13 @@ def worker_devices(worker: Any) -> dict[str, int] | None:
     return dict(info.devices) if info is not None and getattr(info, "devices", None) else None
 
 
+def worker_media(worker: Any) -> tuple[str, ...] | None:
+    """What a loaded worker's projector reads (``"image"``, ``"audio"``); None for a stand-in
+    without model info."""
+    info = getattr(worker, "info", None)
+    return tuple(info.media) if info is not None and hasattr(info, "media") else None
+
+
 def worker_slots(worker: Any) -> int | None:
     """How many sequences ``worker`` decodes together (None for a stand-in without model info)."""
     return getattr(getattr(worker, "info", None), "parallel", None)

@@ -54,6 +54,7 @@ What to evict or drain is decided by the pure ``capacity.plan_room``; ``_make_ro
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -79,7 +80,7 @@ from errors import (
 )
 from events import EventBus
 from gguf_meta import Shape, estimate_bytes, model_shape
-from instances import Instance, Mode, ModelState, worker_devices, worker_pid, worker_slots
+from instances import Instance, Mode, ModelState, worker_devices, worker_media, worker_pid, worker_slots
 from memory import MemoryProbe
 from model_views import InstanceSnapshot, loaded_ids, model_view
 from projectors import capabilities, projector_media, projector_path, projector_size
@@ -267,7 +268,18 @@ class ModelManager:
         return projector_path(file, self.model_settings(model_id), self.settings.models_directory)
 
     def media(self, model_id: str) -> tuple[str, ...]:
-        """What ``model_id``'s projector reads (``"image"``, ``"audio"``), from its header; () without one."""
+        """What ``model_id``'s projector reads (``"image"``, ``"audio"``); () without one.
+
+        While the model is loaded, what its worker loaded (a changed ``mmproj`` waits for the
+        next load); otherwise from the header of the projector its next load would use.
+        """
+        with self._lock:
+            instance = self._instances.get((model_id, Mode.GENERATE))
+        if instance is not None:
+            with instance.cond:
+                loaded = worker_media(instance.worker) if instance.state is ModelState.LOADED else None
+            if loaded is not None:
+                return loaded
         return projector_media(self.projector(model_id))
 
     def is_loaded(self, name: str | None, mode: Mode = Mode.GENERATE) -> bool:
@@ -565,7 +577,7 @@ class ModelManager:
                                     devices=worker_devices(worker))
             else:
                 instance.error = error
-                instance.transition(ModelState.FAILED, self.events, reason=error.message, seconds=round(seconds, 3))
+                instance.transition(ModelState.FAILED, self.events, reason=error.detail, seconds=round(seconds, 3))
             instance.cond.notify_all()
         with self._room:
             self._room.notify_all()
@@ -793,10 +805,10 @@ class ModelManager:
             generate = self._snapshot(instances.get((file.id, Mode.GENERATE)) or self._unloaded(file))
             embed = instances.get((file.id, Mode.EMBED))
             model = settings.get(file.id, NO_SETTINGS)
-            media = projector_media(projector_path(file, model, directory))
-            view = model_view(file, model, generate, self._snapshot(embed) if embed is not None else None,
-                              root, _rpc_servers(self.settings, model))
-            views.append({**view, "capabilities": capabilities(model, media)})
+            media = generate.media if generate.media is not None else (
+                projector_media(projector_path(file, model, directory)))
+            views.append(model_view(file, model, generate, self._snapshot(embed) if embed is not None else None,
+                                    capabilities(model, media), root, _rpc_servers(self.settings, model)))
         return views
 
     def _unloaded(self, file: ModelFile) -> Instance:
@@ -820,7 +832,9 @@ class ModelManager:
                 progress=instance.progress, pid=worker_pid(instance.worker) if loaded else None,
                 devices=worker_devices(instance.worker) if loaded else None,
                 slots=worker_slots(instance.worker) if loaded else None,
-                error=instance.error.message if instance.error else None, estimate=estimate,
+                media=worker_media(instance.worker) if loaded else None,
+                error=instance.error.message if instance.error else None,
+                error_detail=instance.error.detail if instance.error else None, estimate=estimate,
                 idle_timeout=timeout, pinned=pinned, now=now, wall=wall)
 
     def loaded_models(self) -> list[str]:
@@ -853,6 +867,6 @@ def _gib(size: int) -> str:
 def _failure(instance: Instance) -> ServiceError:
     """A fresh copy of the recorded load error: one exception object per raising thread."""
     error = instance.error or LoadFailed(f"failed to load model {instance.file.id}")
-    return type(error)(error.message, param=error.param, code=error.code)
+    return copy.copy(error)
 
 

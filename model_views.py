@@ -31,7 +31,11 @@ class InstanceSnapshot:
     pid: int | None  # its worker's, while loaded
     devices: dict[str, int] | None  # where its weights went (llama.cpp's buffer names), while loaded
     slots: int | None  # its worker's parallel sequences, while loaded
-    error: str | None
+    # What its worker's projector reads, while loaded: a reload that changes ``mmproj`` takes
+    # effect at the next load, so until then the config does not describe this instance.
+    media: tuple[str, ...] | None
+    error: str | None  # what any caller may read
+    error_detail: str | None  # the whole of it, for admins (an RPC server's address)
     estimate: int
     idle_timeout: float
     pinned: bool
@@ -40,10 +44,11 @@ class InstanceSnapshot:
 
 
 def model_view(file: ModelFile, model: ModelSettings, generate: InstanceSnapshot,
-               embed: InstanceSnapshot | None, root: Path | None = None,
+               embed: InstanceSnapshot | None, capabilities: list[str], root: Path | None = None,
                rpc_servers: list[str] | None = None) -> dict[str, Any]:
     """One model: its file, its settings, its text generation instance's state at the top
-    level and its embedding instance's (if any) under ``embeddings``.
+    level and its embedding instance's (if any) under ``embeddings``; ``capabilities``: what
+    it can be asked for (``projectors.capabilities``).
 
     ``root``: show the path relative to it (the models folder), for callers who may not
     learn the server's layout; they do not see the RPC servers either (addresses of a protocol
@@ -52,24 +57,14 @@ def model_view(file: ModelFile, model: ModelSettings, generate: InstanceSnapshot
     public = root is not None
     path = _relative(file.path, root) if public else str(file.path)
     view: dict[str, Any] = {"id": file.id, "aliases": list(model.aliases), "path": path,
-                            "size_bytes": file.size, "created": file.created, "pinned": model.pinned}
+                            "size_bytes": file.size, "created": file.created, "pinned": model.pinned,
+                            "capabilities": capabilities}
     if not public:
         view["rpc_servers"] = list(rpc_servers or [])
     view.update(instance_view(generate, public))
     if embed is not None:
         view["embeddings"] = instance_view(embed, public)
-    if public:
-        # A failed RPC load's error names the endpoint it could not reach.
-        for part in (view, view.get("embeddings") or {}):
-            if part.get("error"):
-                part["error"] = _without_addresses(part["error"], rpc_servers or [])
     return view
-
-
-def _without_addresses(message: str, rpc_servers: list[str]) -> str:
-    for endpoint in sorted(rpc_servers, key=len, reverse=True):
-        message = message.replace(endpoint, "(an RPC server)")
-    return message
 
 
 def instance_view(seen: InstanceSnapshot, public: bool = False) -> dict[str, Any]:
@@ -95,7 +90,7 @@ def instance_view(seen: InstanceSnapshot, public: bool = False) -> dict[str, Any
         "load_seconds": seen.load_seconds,
         "pid": seen.pid if loaded else None,
         "devices": seen.devices if loaded else None,
-        "error": seen.error,
+        "error": seen.error if public else seen.error_detail,
     }
     if public:
         del view["devices"]

@@ -33,7 +33,7 @@ import status_page
 import tasks
 import tokens_api
 from activity import ActivityLog
-from auth import install_auth
+from auth import caller_is_admin, install_auth
 from config import CONFIG_ENV, ConfigError, Settings, load_settings
 from errors import register_error_handlers
 from grammar.checker import GrammarChecker
@@ -84,7 +84,7 @@ def create_app(settings: Settings, *, config_path: Path | None = None,
     state.event_streams = threading.BoundedSemaphore(admin.event_stream_limit(settings.server.threads))
     app.extensions[EXTENSION] = state
     CORS(app, origins=settings.server.cors_origins, supports_credentials=False)
-    register_error_handlers(app)
+    register_error_handlers(app, lambda: caller_is_admin(settings.server))
     install_auth(app, settings.server)
     state.metrics.install(app)
     install_openapi(app)

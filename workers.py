@@ -34,7 +34,7 @@ import psutil
 from discovery import ModelFile
 from engine.client import ExitInfo, LoadError, Worker, WorkerError
 from engine.protocol import ModelOptions
-from errors import LoadFailed, NotAModel
+from errors import LoadFailed, NotAModel, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ DEFAULT_N_BATCH = 512  # tokens per decode step, all sequences together (llama-c
 QUIET_POLL = 0.1  # seconds between looks at the workers before a spare starts
 QUIET_LOOKS = 3  # consecutive quiet looks that let it start
 SPARE_PATIENCE = 10.0  # seconds after which a spare starts even though workers are busy
+AN_RPC_SERVER = "(an RPC server)"  # what callers other than admins read for an RPC server's address
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,13 @@ class WorkerLauncher:
             worker.load(model.path, model_options, options.progress)
         except LoadError as exc:
             worker.close()
-            raise diagnose(model, str(exc)) from None
+            raise diagnose(model, str(exc)).hide(options.rpc_servers, AN_RPC_SERVER) from None
         except WorkerError as exc:  # it died while loading: a crash in llama.cpp, the OOM killer...
             worker.close()
             where = (f" (loading over RPC from {', '.join(options.rpc_servers)}: did an RPC server stop, or "
                      "start serving another model?)" if options.rpc_servers else "")
-            raise LoadFailed(f"failed to load model {model.id}: {exc}{where}") from None
+            raise LoadFailed(f"failed to load model {model.id}: {exc}{where}").hide(
+                options.rpc_servers, AN_RPC_SERVER) from None
         finally:
             if self._keep_spare:
                 self._start_spare()
@@ -173,7 +175,7 @@ def default_threads() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-def diagnose(model: ModelFile, reason: str) -> Exception:
+def diagnose(model: ModelFile, reason: str) -> ServiceError:
     """Tell a file that is not a model (422) from a model llama.cpp could not load (500)."""
     problem = inspect_gguf(model.path)
     if problem:

@@ -358,16 +358,21 @@ def test_public_health_hides_rpc_addresses(models_dir: Path, make_server: Callab
 
 def test_a_failed_rpc_load_names_its_endpoint_to_admins_only(models_dir: Path,
                                                              make_server: Callable[..., LiveServer]) -> None:
-    """The load error kept in the listings names the unreachable endpoint: public /health and a
-    user key's /v1/models show the error without the address, an admin key sees all of it."""
+    """The load error names the unreachable endpoint to admins only: a user key's 500, public
+    /health and a user key's /v1/models say "(an RPC server)"; an admin key's 500 and listings
+    (and the log and events) have all of it."""
     dead = f"127.0.0.1:{free_port()}"
     write_llama_model(models_dir / "split.gguf", seed=4)
     server = make_server(server={"api_keys": ["user"], "admin_api_keys": ["admin"]},
                          models={"split": {"rpc_servers": [dead]}})
     user, admin = {"Authorization": "Bearer user"}, {"Authorization": "Bearer admin"}
-    failed = server.post("/v1/completions", {"model": "split", "prompt": "Hi", "max_tokens": 1}, headers=admin)
-    assert failed.status_code == 500 and dead in failed.json()["error"]["message"], failed.text
-    public = [server.get("/health").text, server.get("/health", headers=user).text,
+    body = {"model": "split", "prompt": "Hi", "max_tokens": 1}
+    failed = server.post("/v1/completions", body, headers=user)
+    assert failed.status_code == 500 and failed.json()["error"]["code"] == "model_load_failed", failed.text
+    assert "(an RPC server)" in failed.text
+    seen = server.post("/v1/completions", body, headers=admin)  # the next request loads again, and fails
+    assert seen.status_code == 500 and dead in seen.json()["error"]["message"], seen.text
+    public = [failed.text, server.get("/health").text, server.get("/health", headers=user).text,
               server.get("/v1/models", headers=user).text, server.get("/v1/models/split", headers=user).text]
     for body in public:
         assert "unreachable" in body and dead not in body and str(models_dir) not in body, body

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 import time
 import wave
@@ -222,6 +223,40 @@ def test_the_mmproj_setting_overrides_the_folder_rule(make_server, vision_dir: P
     assert models["tiny-chat"]["capabilities"] == ["completion", "vision"]
     assert chat(server, ask(image_part(picture(1))), model="tiny-chat").status_code == 200
     assert chat(server, ask(image_part(picture(1)))).status_code == 400
+
+
+def test_a_loaded_model_lists_what_it_loaded_until_a_changed_mmproj_takes_effect(
+        make_server, vision_dir: Path, tmp_path: Path) -> None:
+    """Settings change at a model's next load; until then its listing and the pictures it
+    takes describe the instance that is loaded, not the config."""
+    config = tmp_path / "config.json"
+    manager = {"models_directory": str(vision_dir), "n_ctx": 512, "n_gpu_layers": 0, "n_threads": 1}
+
+    def configure(model: dict[str, Any]) -> None:
+        config.write_text(json.dumps({"model_manager": manager, "models": {MODEL: model}}))
+
+    configure({"mmproj": ""})
+    server = make_server(models={MODEL: {"mmproj": ""}}, config_path=config)
+
+    def capabilities() -> list[str]:
+        return server.model_view(MODEL)["capabilities"]
+
+    assert chat(server, ask(text="Hi")).status_code == 200  # loaded without a projector
+    configure({})  # the folder rule pairs its mmproj again
+    assert server.post("/admin/reload").status_code == 200
+    assert capabilities() == ["completion"]
+    refused = chat(server, ask(image_part(picture(1))))
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages[0].content[1]"
+    server.post("/admin/unload", {"model": MODEL})
+    assert capabilities() == ["completion", "vision"]
+    assert chat(server, ask(image_part(picture(1)))).status_code == 200  # loaded with it now
+
+    configure({"mmproj": ""})
+    assert server.post("/admin/reload").status_code == 200
+    assert capabilities() == ["completion", "vision"]
+    assert chat(server, ask(image_part(picture(2)))).status_code == 200  # its worker still has the projector
+    server.post("/admin/unload", {"model": MODEL})
+    assert capabilities() == ["completion"]
 
 
 def test_a_broken_projector_fails_the_load_without_telling_where_it_lives(make_server, vision_dir: Path) -> None:
