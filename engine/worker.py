@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import sys
 import time
@@ -90,6 +91,10 @@ class WorkerLoop:
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
+        # One poll object for the worker's life: Connection.poll builds and tears down a
+        # selector on every call, and the serving loop asks once per decode step.
+        self._ready = select.poll()
+        self._ready.register(conn.fileno(), select.POLLIN)
         self.channel = Channel(conn)
         self.parent = os.getppid()
         self.native_log = NativeLog(self._forward_log)
@@ -169,7 +174,7 @@ class WorkerLoop:
     def _serve(self) -> None:
         while self.running:
             busy = self.scheduler is not None and self.scheduler.busy
-            if self.conn.poll(0 if busy else IDLE_POLL_SECONDS):
+            if self._readable(0 if busy else IDLE_POLL_SECONDS):
                 self._drain()
             elif not busy and os.getppid() != self.parent:
                 return  # reparented: the server died without closing our pipe
@@ -187,7 +192,7 @@ class WorkerLoop:
                 self._refuse_unknown(message)
             else:
                 self._handle(handler, message)
-            if not self.conn.poll(0):
+            if not self._readable(0):
                 return
 
     def _handle(self, handler: Callable[[Any], None], message: Any) -> None:
@@ -205,10 +210,14 @@ class WorkerLoop:
                                                                   f"{type(exc).__name__}"))
 
     def _next_message(self) -> Any:
-        while not self.conn.poll(IDLE_POLL_SECONDS):
+        while not self._readable(IDLE_POLL_SECONDS):
             if os.getppid() != self.parent:
                 raise ParentGone
         return self._recv()
+
+    def _readable(self, timeout: float) -> bool:
+        """Whether a message (or the pipe's end) is waiting, within ``timeout`` seconds."""
+        return bool(self._ready.poll(timeout * 1000))
 
     def _recv(self) -> Any:
         try:
