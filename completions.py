@@ -169,8 +169,8 @@ def prepare(manager: ModelManager, kind: str, request: _Generation, verdict: Ver
         # Before the generations are submitted: a small model's first token can come back
         # before the Job exists, and a time to first token is never negative.
         started = time.monotonic()
-        streams = [worker.generate(tokens, _choice_params(params, choice), media)
-                   for tokens in prompts for choice in range(request.n)]
+        choices = [_choice_params(params, choice) for choice in range(request.n)]
+        streams = [stream for tokens in prompts for stream in worker.generate_many(tokens, choices, media)]
         return Job(kind, lease, request, prompts, streams, reading, observer, disconnected, started=started)
     except WorkerCrashed as exc:
         lease.release()

@@ -321,6 +321,18 @@ class Worker:
         self._send(p.Generate(request_id, list(prompt_tokens), params, media), request_id)
         return Stream(self, request_id, inbox, params)
 
+    def generate_many(self, prompt_tokens: list[int], params: list[p.SamplingParams],
+                      media: tuple[p.MediaInput, ...] = ()) -> list[Stream]:
+        """``generate`` for each of ``params`` on one prompt (a request's choices), in one
+        message: the prompt and its pictures are sent once."""
+        if len(params) == 1:
+            return [self.generate(prompt_tokens, params[0], media)]
+        opened = [self._open() for _ in params]
+        ids = tuple(request_id for request_id, _inbox in opened)
+        self._send(p.GenerateMany(ids, list(prompt_tokens), tuple(params), media), *ids)
+        return [Stream(self, request_id, inbox, choice)
+                for (request_id, inbox), choice in zip(opened, params, strict=True)]
+
     def embed(self, inputs: list[list[int]]) -> list[np.ndarray]:
         """One pooled, unnormalised float32 vector per token list (an embedding worker only)."""
         return self._call(lambda i: p.Embed(i, [list(t) for t in inputs]), "embedding")
@@ -373,7 +385,7 @@ class Worker:
             self._waiters[request_id] = inbox
         return request_id, inbox
 
-    def _send(self, message: Any, request_id: int) -> None:
+    def _send(self, message: Any, *request_ids: int) -> None:
         try:
             with self._send_lock:
                 assert self._conn is not None
@@ -381,7 +393,8 @@ class Worker:
         except OSError:
             # The worker is gone; the reader is about to notice. Raise what it will report.
             with self._lock:
-                self._waiters.pop(request_id, None)
+                for request_id in request_ids:
+                    self._waiters.pop(request_id, None)
             self._reader_join_briefly()
             self._raise_if_dead()
             raise WorkerCrashed(f"worker {self.pid} is gone") from None

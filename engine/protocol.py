@@ -147,6 +147,16 @@ class Generate:
 
 
 @dataclass(frozen=True)
+class GenerateMany:
+    """One prompt's several generations (a request's ``n`` choices), each as a ``Generate``
+    with its id and params: the prompt and its media cross the pipe once, not once a choice."""
+    ids: tuple[int, ...]
+    prompt: list[int]
+    params: tuple[SamplingParams, ...]
+    media: tuple[MediaInput, ...] = ()
+
+
+@dataclass(frozen=True)
 class Cancel:
     id: int
 

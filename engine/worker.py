@@ -102,7 +102,8 @@ class WorkerLoop:
         self.scheduler: Scheduler | None = None
         self.running = True
         self.handlers: dict[type, Callable[[Any], None]] = {
-            p.Generate: self._generate, p.Cancel: self._cancel, p.Embed: self._embed,
+            p.Generate: self._generate, p.GenerateMany: self._generate_many, p.Cancel: self._cancel,
+            p.Embed: self._embed,
             p.Tokenize: self._tokenize, p.Detokenize: self._detokenize, p.MediaCells: self._media_cells,
             p.GetStats: self._stats,
             p.Shutdown: self._shutdown,
@@ -236,6 +237,10 @@ class WorkerLoop:
                                       "this model instance is loaded for embeddings", param="model"))
             return
         self.scheduler.submit(message)
+
+    def _generate_many(self, message: p.GenerateMany) -> None:
+        for request_id, params in zip(message.ids, message.params, strict=True):
+            self._generate(p.Generate(request_id, message.prompt, params, message.media))
 
     def _cancel(self, message: p.Cancel) -> None:
         if self.scheduler is not None:

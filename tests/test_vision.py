@@ -297,6 +297,23 @@ def test_a_picture_is_encoded_beside_another_generation(server: LiveServer) -> N
     assert stats["media_chunks"] == 1 and stats["media_beside_generation"] == 1
 
 
+def test_n_choices_send_their_picture_once_and_match_one_choice(server: LiveServer, monkeypatch) -> None:
+    """A request's choices share its prompt: the picture's pixels cross the pipe once, and
+    each greedy choice says what a single one does."""
+    one = chat(server, ask(image_part(picture(1))))
+    assert one.status_code == 200
+    worker = server.loader.live()[0]
+    sent: list[Any] = []
+    send = worker._send
+    monkeypatch.setattr(worker, "_send", lambda message, *ids: (sent.append(message), send(message, *ids)))
+    three = chat(server, ask(image_part(picture(1))), n=3)
+    assert three.status_code == 200, three.text
+    texts = [c["message"]["content"] for c in three.json()["choices"]]
+    assert texts == [one.json()["choices"][0]["message"]["content"]] * 3
+    with_media = [m for m in sent if getattr(m, "media", ())]
+    assert len(with_media) == 1 and len(with_media[0].ids) == 3, sent
+
+
 def test_the_worker_refuses_media_it_cannot_use(server: LiveServer) -> None:
     """The server never sends such input; the worker still answers it with an error, not a crash."""
     from engine.client import RequestFailed
