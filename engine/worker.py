@@ -240,7 +240,8 @@ class WorkerLoop:
 
     def _generate_many(self, message: p.GenerateMany) -> None:
         for request_id, params in zip(message.ids, message.params, strict=True):
-            self._generate(p.Generate(request_id, message.prompt, params, message.media))
+            # One at a time through _handle: a failure is answered under each choice's own id.
+            self._handle(self._generate, p.Generate(request_id, message.prompt, params, message.media))
 
     def _cancel(self, message: p.Cancel) -> None:
         if self.scheduler is not None:

@@ -516,3 +516,15 @@ def test_native_log_lines_cross_the_pipe_only_down_to_the_servers_level(
         assert len(debug) > 100 and any("model buffer size" in line for line in lines)
     else:
         assert not debug and spy.levels
+
+
+def test_generate_many_answers_each_choice_under_its_own_id(make_worker: Callable[..., Worker]) -> None:
+    """One message for a request's choices; a choice the worker refuses fails alone."""
+    worker = make_worker()
+    prompt = worker.tokenize("Once upon a time")
+    alone = drain(worker.generate(prompt, greedy(12)))
+    streams = worker.generate_many(prompt, [greedy(12), greedy(12, grammar="root ::= ("), greedy(12)])
+    assert drain(streams[0]) == alone and drain(streams[2]) == alone
+    with pytest.raises(RequestFailed) as refused:
+        drain(streams[1])
+    assert refused.value.kind == "invalid_request" and "grammar" in str(refused.value)
