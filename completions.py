@@ -34,7 +34,14 @@ from chat_format import ChatPrompt, ChatTemplate
 from dialects import Content, Event, Reasoning, Result, ToolCallArgs, ToolCallStart
 from engine.client import RequestFailed, Stream, WorkerCrashed
 from engine.protocol import MEDIA_MARKER, MediaInput, SamplingParams, TokenLogprob
-from errors import ContextLengthExceeded, InferenceFailed, InvalidRequest, ServiceError
+from errors import (
+    ContextLengthExceeded,
+    InferenceFailed,
+    InvalidRequest,
+    ServiceError,
+    caller_sees_detail,
+    for_caller,
+)
 from fingerprint import SYSTEM_FINGERPRINT
 from grammar.request import grammar_param
 from media import Media
@@ -409,6 +416,7 @@ def _after_load(pending: _PendingJob, model_id: str, body: Callable[[Job], Itera
             raise pending.error
         assert pending.job is not None
         return _response(body(pending.job), pending.job.close, mimetype, headers)
+    sees_detail = caller_sees_detail()  # now: the stream below runs after the request's context
 
     def events() -> Iterator[bytes]:
         yield keepalive(True)
@@ -418,7 +426,7 @@ def _after_load(pending: _PendingJob, model_id: str, body: Callable[[Job], Itera
             if not isinstance(pending.error, ServiceError):
                 log.error("preparing a stream failed model=%s", model_id, exc_info=pending.error)
             error = pending.error if isinstance(pending.error, ServiceError) else ServiceError("Load failed")
-            yield from failure(error)
+            yield from failure(for_caller(error, sees_detail))
             return
         assert pending.job is not None
         yield from body(pending.job)

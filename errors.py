@@ -250,13 +250,26 @@ def register_error_handlers(app: Flask, sees_detail: Callable[[], bool] = lambda
 def error_response(exc: ServiceError) -> Response:
     """The JSON response for a service error, in the shape of the API the request went to."""
     shape = _shape(request.path) if has_request_context() else ServiceError.body
-    if exc.detail != exc.message and has_request_context() and current_app.extensions[_SEES_DETAIL]():
-        exc = copy.copy(exc)
-        exc.message = exc.detail
-    response = jsonify(shape(exc))
+    response = jsonify(shape(for_caller(exc, caller_sees_detail())))
     response.status_code = exc.status
     response.headers.update(exc.headers)
     return response
+
+
+def caller_sees_detail() -> bool:
+    """Whether the current request's caller may read errors' ``detail`` (register_error_handlers'
+    ``sees_detail``); False outside a request. Ask in the view: a stream's body runs after it."""
+    return has_request_context() and bool(current_app.extensions.get(_SEES_DETAIL, lambda: False)())
+
+
+def for_caller(exc: ServiceError, sees_detail: bool) -> ServiceError:
+    """``exc`` as its caller may read it: a copy carrying the detail as its message for one
+    who may see it, else ``exc`` itself."""
+    if not sees_detail or exc.detail == exc.message:
+        return exc
+    shown = copy.copy(exc)
+    shown.message = exc.detail
+    return shown
 
 
 def _shape(path: str) -> ErrorShape:

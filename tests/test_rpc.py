@@ -382,6 +382,29 @@ def test_a_failed_rpc_load_names_its_endpoint_to_admins_only(models_dir: Path,
     assert server.get("/v1/models/split", headers=admin).json()["rpc_servers"] == [dead]
 
 
+def test_a_stream_whose_load_fails_after_its_headers_names_the_endpoint_to_admins_only(
+        models_dir: Path, make_server: Callable[..., LiveServer], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load slower than the stream's header deadline fails inside the stream, as an error
+    event after the headers: that event too says "(an RPC server)" to a user key."""
+    import completions
+
+    monkeypatch.setattr(completions, "STREAM_HEADERS_DEADLINE", 0.0)  # every load outlasts it
+    dead = f"127.0.0.1:{free_port()}"
+    write_llama_model(models_dir / "split.gguf", seed=4)
+    server = make_server(server={"api_keys": ["user"], "admin_api_keys": ["admin"]},
+                         models={"split": {"rpc_servers": [dead]}})
+    body = {"model": "split", "prompt": "Hi", "max_tokens": 1, "stream": True}
+    for key, shows in (("user", False), ("admin", True)):
+        reply = requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=JOIN_TIMEOUT,
+                              headers={"Authorization": f"Bearer {key}"})
+        assert reply.status_code == 200  # the headers went out before the load failed
+        events = list(sse_events(reply))
+        assert events[-1] == "[DONE]", events
+        error = next(e for e in events if e != "[DONE]" and "error" in e)["error"]
+        assert error["code"] == "model_load_failed"
+        assert (dead in error["message"]) is shows and ("(an RPC server)" in error["message"]) is not shows, error
+
+
 def test_a_silent_endpoint_is_named_even_when_rpc_timeout_outlasts_worker_timeout(
         models_dir: Path, silent_endpoint: str, make_server: Callable[..., LiveServer]) -> None:
     write_llama_model(models_dir / "silent.gguf", seed=3)
